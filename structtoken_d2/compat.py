@@ -1,0 +1,69 @@
+"""Detectron2 v0.6 on current libraries: the few shims it needs, each applied only when needed.
+
+Applied by ``import structtoken_d2``, before any ``detectron2`` submodule that needs them is
+imported (so import ``structtoken_d2`` first). A full, current detectron2 build needs none of them.
+
+1. ``detectron2._C`` is absent when detectron2 was installed Python-only (the ``pb1-detectron2``
+   sdist ships no C++ sources), yet ``detectron2.layers.deform_conv`` and
+   ``detectron2.evaluation.fast_eval_api`` import it at module level. A placeholder module is put
+   in its place; calling any of its ops raises :class:`MissingDetectron2Op`, which names the op
+   and says how to get a full build. StructToken itself uses none of these ops.
+2. ``PIL.Image.LINEAR`` was removed in Pillow 10; ``detectron2.data.transforms`` uses it as a
+   default argument. It is aliased to ``PIL.Image.BILINEAR`` (the same filter).
+3. ``detectron2.evaluation.SemSegEvaluator`` uses ``np.int`` / ``np.float`` (removed in NumPy
+   1.24). No global NumPy alias is added: structtoken-d2 evaluates with its own
+   ``structtoken_d2.evaluation.SemSegEvaluator``, which does not touch v0.6's.
+"""
+import importlib.util
+import sys
+import types
+
+from PIL import Image
+
+FULL_BUILD_HINT = (
+    "install a full detectron2 build with its compiled ops, e.g. "
+    "`pip install 'git+https://github.com/facebookresearch/detectron2.git'` "
+    "(see README, 'Installing on a GPU machine')"
+)
+
+
+class MissingDetectron2Op(RuntimeError):
+    """Raised when a compiled detectron2 op is called on a Python-only detectron2 install."""
+
+
+class _MissingExtension(types.ModuleType):
+    """Stand-in for ``detectron2._C``: every attribute is an op that raises when called."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def missing_op(*args, **kwargs):
+            raise MissingDetectron2Op(
+                f"detectron2._C.{name} is not available: this detectron2 was installed without its "
+                f"compiled ops. To use it, {FULL_BUILD_HINT}."
+            )
+
+        missing_op.__name__ = name
+        return missing_op
+
+
+def _detectron2_extension_missing() -> bool:
+    if importlib.util.find_spec("detectron2") is None or "detectron2._C" in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec("detectron2._C") is None
+    except ImportError:
+        return True
+
+
+def apply() -> None:
+    """Apply the shims that this environment needs; a no-op where none is needed."""
+    if _detectron2_extension_missing():
+        import detectron2
+
+        placeholder = _MissingExtension("detectron2._C", "placeholder for detectron2's missing compiled ops")
+        sys.modules["detectron2._C"] = placeholder
+        detectron2._C = placeholder
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR

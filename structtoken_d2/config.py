@@ -1,0 +1,108 @@
+"""Config keys of structtoken-d2, each documented once, here, where it is defined.
+
+``add_structtoken_config(cfg)`` extends a Detectron2 ``get_cfg()`` with every key the project
+reads. Keys that Detectron2 already defines (``MODEL.PIXEL_MEAN``, ``SOLVER.BASE_LR``,
+``TEST.AUG.ENABLED`` ...) keep their Detectron2 meaning and are only given new defaults in the
+YAML files under ``configs/``. Defaults below are the authors' choices (RockeyCoss/StructToken,
+mmsegmentation); where the paper says otherwise, the key's comment says so.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_structtoken_config(cfg: CN) -> CN:
+    """Add the StructToken keys to ``cfg`` in place and return it."""
+    _add_model_config(cfg)
+    _add_data_config(cfg)
+    _add_solver_config(cfg)
+    _add_test_config(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- model
+def _add_model_config(cfg: CN) -> None:
+    cfg.MODEL.STRUCTTOKEN = CN()
+    # Extraction module of every decoder block: "CSE" (cross-slice), "SSE" (self-slice) or "PWE"
+    # (point-wise); one entry of EXTRACTION_REGISTRY (structtoken_d2/modeling/heads/extraction.py).
+    cfg.MODEL.STRUCTTOKEN.VARIANT = "CSE"
+    # Number of decoder blocks L (paper Sec. IV-D2: 4 for every variant).
+    cfg.MODEL.STRUCTTOKEN.NUM_BLOCKS = 4
+    # Decoder width C: output channels of the 1x1 `dec_proj` applied to the backbone feature.
+    # 0 means "equal to the backbone's channels", as in every config of the authors.
+    cfg.MODEL.STRUCTTOKEN.CHANNELS = 0
+    # Spatial size [Hs, Ws] of the learnable structure tokens [K, Hs, Ws]: crop / 16 in the
+    # authors' configs. Tokens are resized (TOKEN_INTERPOLATION) when the feature differs.
+    cfg.MODEL.STRUCTTOKEN.TOKEN_SIZE = [32, 32]
+    # Interpolation mode used to resize the structure tokens to the feature size.
+    cfg.MODEL.STRUCTTOKEN.TOKEN_INTERPOLATION = "bicubic"
+    # Std of the truncated-normal initialisation of the structure tokens.
+    cfg.MODEL.STRUCTTOKEN.TOKEN_INIT_STD = 0.02
+    # Expansion ratio of the FFNs (1x1 expand -> 3x3 group conv -> 1x1 shrink).
+    cfg.MODEL.STRUCTTOKEN.FFN_RATIO = 4
+    # Largest stochastic-depth rate in the decoder, linearly spaced over the blocks.
+    cfg.MODEL.STRUCTTOKEN.DROP_PATH_RATE = 0.1
+    # Scale of the channel-wise attention logits: "spatial" multiplies by (H*W)^-0.5, as the
+    # authors' code does; "channel" divides by sqrt(C), as Eq. 2 and 6 of the paper write.
+    cfg.MODEL.STRUCTTOKEN.ATTN_SCALE = "spatial"
+    # Epsilon of every LayerNorm in the decoder.
+    cfg.MODEL.STRUCTTOKEN.LN_EPS = 1e-6
+    # True: always use the pure-PyTorch reference of structtoken_d2.ops, even where the compiled
+    # kernels are built (same effect as the environment variable STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1).
+    cfg.MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS = False
+
+    cfg.MODEL.VIT = CN()
+    # timm architecture name of the plain ViT backbone (patch 16): vit_tiny_patch16_384,
+    # vit_small_patch16_384, vit_base_patch16_384, vit_large_patch16_384, ...
+    cfg.MODEL.VIT.NAME = "vit_base_patch16_384"
+    # Input size the backbone is built for (its position embeddings are interpolated to any
+    # other input size at run time). Usually the training crop.
+    cfg.MODEL.VIT.IMG_SIZE = [512, 512]
+    # Local path of ImageNet weights for the backbone alone (timm .pth / .safetensors, or an
+    # augreg .npz). Empty: random initialisation (logged); nothing is ever downloaded.
+    cfg.MODEL.VIT.WEIGHTS = ""
+    # Stochastic-depth rate of the backbone.
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
+    # Apply the ViT's final LayerNorm to the output feature (the authors' mmseg ViT does not).
+    cfg.MODEL.VIT.FINAL_NORM = False
+
+
+# ---------------------------------------------------------------------------- data
+def _add_data_config(cfg: CN) -> None:
+    # Name of the dataset mapper used for training (DATASET_MAPPER_REGISTRY).
+    cfg.INPUT.DATASET_MAPPER_NAME = "structtoken_semantic"
+    # mmseg-style "img_scale" (long side, short side) that random resizing is relative to.
+    cfg.INPUT.RESIZE_SCALE = [2048, 512]
+    # Range of the random resize ratio applied to RESIZE_SCALE.
+    cfg.INPUT.RESIZE_RATIO_RANGE = [0.5, 2.0]
+    # Random crop keeps retrying (up to 10 times) while one category covers more than this
+    # fraction of the crop (mmseg `cat_max_ratio`).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.75
+    # mmseg PhotoMetricDistortion (brightness, contrast, saturation, hue) on training images.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION = True
+
+
+# ---------------------------------------------------------------------------- solver
+def _add_solver_config(cfg: CN) -> None:
+    # Optimizer: "ADAMW" (the paper's) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # AdamW betas.
+    cfg.SOLVER.BETAS = [0.9, 0.999]
+    # Learning-rate multiplier of the decode head (sem_seg_head) relative to SOLVER.BASE_LR.
+    cfg.SOLVER.HEAD_LR_MULTIPLIER = 8.0
+    # Power of the poly learning-rate decay (1.0 = linear decay to 0).
+    cfg.SOLVER.POLY_LR_POWER = 1.0
+    # Mixed-precision dtype when SOLVER.AMP.ENABLED: "bfloat16" (where supported) or "float16".
+    cfg.SOLVER.AMP.DTYPE = "bfloat16"
+
+
+# ---------------------------------------------------------------------------- test
+def _add_test_config(cfg: CN) -> None:
+    # Inference mode: "slide" (overlapping crops, logits averaged) or "whole" (one pass).
+    cfg.TEST.MODE = "slide"
+    # Sliding-window crop [h, w] and stride [h, w] (authors: 512/341 at 512 crop, 640/426 at 640).
+    cfg.TEST.SLIDE_CROP_SIZE = [512, 512]
+    cfg.TEST.SLIDE_STRIDE = [341, 341]
+    # Multi-scale test (with TEST.AUG.ENABLED): resize ratios applied to the test scale, each
+    # prediction run through TEST.MODE, logits averaged (mmseg MultiScaleFlipAug).
+    cfg.TEST.AUG.RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    # mmseg-style test "img_scale" (long side, short side) that the ratios apply to.
+    cfg.TEST.SCALE = [2048, 512]

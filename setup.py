@@ -34,7 +34,7 @@ def _extensions():
     if not sources:
         print("structtoken-d2: no C++ sources in csrc/, building without the compiled extension")
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     if _cuda_wanted(CUDA_HOME):
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -46,7 +46,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
         )
     else:
         print("structtoken-d2: building CPU ops only (no nvcc found or FORCE_CUDA=0)")

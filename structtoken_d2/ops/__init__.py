@@ -3,7 +3,9 @@
 ``active_implementation(device)`` says which one a call on ``device`` uses:
 ``"compiled-cuda"``, ``"compiled-cpu"`` or ``"pytorch"``. Set the environment variable
 ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1`` (or the config key ``MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS``)
-to force the reference.
+to force the reference. Inputs in a dtype the kernels lack (e.g. bfloat16 on CPU) also take the
+reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``. Under autocast,
+the ops run in the autocast dtype, as ``torch.matmul`` / ``conv2d`` would.
 """
 import os
 
@@ -13,18 +15,35 @@ from . import reference
 
 FORCE_PYTORCH_ENV = "STRUCTTOKEN_D2_FORCE_PYTORCH_OPS"
 
+# Dtypes each compiled backend implements, by device type.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+# Widest channels-last input of the CUDA depthwise_projection kernel (csrc/cuda/depthwise_projection_cuda.cu);
+# wider inputs take the reference.
+CUDA_MAX_PROJECTION_CHANNELS = 4096
+
 try:  # importing the extension registers torch.ops.structtoken.*
     from .. import _C  # noqa: F401
+    from . import registrations  # noqa: F401
 
     EXTENSION_ERROR = None
 except ImportError as e:  # not built: pure-Python install
     EXTENSION_ERROR = e
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
+def _compiled_device_types() -> frozenset:
+    """Device types the loaded extension has kernels for (checked once, so torch.compile need not)."""
     if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"structtoken::{op}", dispatch_key)
+        return frozenset()
+    keys = {"cpu": "CPU", "cuda": "CUDA"}
+    return frozenset(t for t, key in keys.items()
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("structtoken::slice_attention", key))
+
+
+COMPILED_DEVICE_TYPES = _compiled_device_types()
 
 
 def active_implementation(device) -> str:
@@ -32,25 +51,44 @@ def active_implementation(device) -> str:
     device = torch.device(device)
     if os.environ.get(FORCE_PYTORCH_ENV, "0") not in ("", "0"):
         return "pytorch"
-    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
-    if key is None or not _has_kernel("slice_attention", key):
+    if device.type not in COMPILED_DEVICE_TYPES:
         return "pytorch"
     return f"compiled-{device.type}"
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``x``'s device, else ``x.dtype``."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _runs_compiled(device: torch.device, dtype: torch.dtype) -> bool:
+    return active_implementation(device) != "pytorch" and dtype in KERNEL_DTYPES[device.type]
+
+
 def slice_attention(q, k, v, scale: float):
     """See :func:`reference.slice_attention`; ``[B, M, N] x [B, C, N] x [B, C, N] -> [B, M, N]``."""
-    if active_implementation(q.device) == "pytorch":
+    dtype = _compute_dtype(q)
+    if not _runs_compiled(q.device, dtype):
         return reference.slice_attention(q, k, v, scale)
-    return torch.ops.structtoken.slice_attention(q, k, v, scale)
+    with torch.autocast(q.device.type, enabled=False):
+        return torch.ops.structtoken.slice_attention(q.to(dtype), k.to(dtype), v.to(dtype), float(scale))[0]
 
 
 def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias, eps=1e-6):
-    """See :func:`reference.depthwise_projection`; ``[B, H, W, C] -> [B, H, W, C]``."""
-    args = (x, norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias, eps)
-    if active_implementation(x.device) == "pytorch":
-        return reference.depthwise_projection(*args)
-    return torch.ops.structtoken.depthwise_projection(*args)
+    """See :func:`reference.depthwise_projection`; ``[B, H, W, C] -> [B, H, W, C]``.
+
+    The parameters are cast to the compute dtype of ``x`` (their gradients flow back in their own dtype).
+    """
+    params = (norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias)
+    dtype = _compute_dtype(x)
+    too_wide = x.device.type == "cuda" and x.shape[-1] > CUDA_MAX_PROJECTION_CHANNELS
+    if too_wide or not _runs_compiled(x.device, dtype):
+        return reference.depthwise_projection(x, *params, eps)
+    with torch.autocast(x.device.type, enabled=False):
+        args = [x.to(dtype).contiguous()] + [p.to(dtype) for p in params]
+        return torch.ops.structtoken.depthwise_projection(*args, float(eps))[0]
 
 
-__all__ = ["active_implementation", "slice_attention", "depthwise_projection", "reference"]
+__all__ = ["active_implementation", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]

@@ -1,0 +1,83 @@
+"""Timing, peak memory and roofline of the device, for ``tools/benchmark_ops.py``.
+
+CUDA: CUDA events around each call, the L2 cache flushed before each one (a write of twice its size),
+median over the iterations; peak memory from the caching allocator. CPU: ``time.perf_counter``
+median, no cache flush, no memory figure.
+"""
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# Dense tensor-core peak TFLOP/s by (device-name substring, dtype); a device not listed reports no
+# FLOP roofline unless --peak-tflops is given.
+PEAK_TFLOPS = {
+    ("H100", torch.bfloat16): 989.0, ("H100", torch.float16): 989.0, ("H100", torch.float32): 67.0,
+    ("H200", torch.bfloat16): 989.0, ("H200", torch.float16): 989.0, ("H200", torch.float32): 67.0,
+    ("A100", torch.bfloat16): 312.0, ("A100", torch.float16): 312.0, ("A100", torch.float32): 19.5,
+}
+
+
+@dataclass
+class Roofline:
+    """Peak memory bandwidth (GB/s) and peak compute (TFLOP/s) of a device; None where unknown."""
+
+    gbps: Optional[float]
+    tflops: Optional[float]
+
+    def seconds(self, bytes_moved: float, flops: float) -> Optional[float]:
+        """Lower bound on the time of a kernel moving ``bytes_moved`` and doing ``flops``."""
+        bounds = []
+        if self.gbps and bytes_moved:
+            bounds.append(bytes_moved / (self.gbps * 1e9))
+        if self.tflops and flops:
+            bounds.append(flops / (self.tflops * 1e12))
+        return max(bounds) if bounds else None
+
+
+def device_roofline(device: torch.device, dtype: torch.dtype, gbps: Optional[float] = None,
+                    tflops: Optional[float] = None) -> Roofline:
+    """The device's roofline; explicit ``gbps`` / ``tflops`` override what is derived here."""
+    if device.type != "cuda":
+        return Roofline(gbps, tflops)
+    props = torch.cuda.get_device_properties(device)
+    # Double data rate: memory_clock_rate is in kHz, memory_bus_width in bits.
+    derived_gbps = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9
+    derived_tflops = next((v for (name, dt), v in PEAK_TFLOPS.items() if name in props.name and dt == dtype), None)
+    return Roofline(gbps or derived_gbps, tflops or derived_tflops)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` over ``iters`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak allocated memory of one ``fn()`` call above what was allocated before it; None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base

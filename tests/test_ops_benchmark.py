@@ -1,0 +1,47 @@
+"""tools/benchmark_ops.py: the CPU smoke run reports every op, implementation and mode; a missing
+extension stops it with a message that says how to build it."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
+from structtoken_d2 import ops
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_ops.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark_ops():
+    spec = importlib.util.spec_from_file_location("benchmark_ops", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif("cpu" not in ops.COMPILED_DEVICE_TYPES, reason="structtoken_d2._C is not built")
+def test_cpu_smoke_run_covers_every_case(benchmark_ops, tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["--device", "cpu", "--smoke", "--no-compile", "--iters", "1", "--warmup", "0",
+            "--json", str(out_json), "--markdown", str(out_md)]
+    assert benchmark_ops.main(args) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    seen = {(r["op"], r["mode"], r["impl"]) for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        for impl in ("kernel", "eager", "sdpa"):
+            assert ("slice_attention", mode, impl) in seen
+        for impl in ("kernel", "eager"):
+            assert ("depthwise_projection", mode, impl) in seen
+    for impl in ("kernel", "eager"):
+        assert ("StructTokenHead train step", "fwd+loss+bwd", impl) in seen
+        assert ("DepthwiseProjection module", "fwd+bwd", impl) in seen
+    assert all(r["median_us"] > 0 and r["device"].startswith("CPU") for r in rows)
+    assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
+    assert out_md.read_text().startswith("**CPU smoke figures: not GPU performance.**")
+
+
+def test_missing_extension_exits_with_build_instructions(benchmark_ops, monkeypatch):
+    monkeypatch.setattr(ops, "COMPILED_DEVICE_TYPES", frozenset())
+    with pytest.raises(SystemExit, match="no compiled structtoken ops for cpu .*setup.py build_ext --inplace"):
+        benchmark_ops.main(["--device", "cpu", "--smoke"])

@@ -1,0 +1,141 @@
+"""structtoken::depthwise_projection/bwd: the compiled kernels against the float64 PyTorch reference."""
+import pytest
+import torch
+
+import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
+from structtoken_d2 import ops
+from structtoken_d2.ops import reference
+from structtoken_d2.ops.accuracy import max_errors
+
+needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
+needs_cuda_kernel = pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in ops.COMPILED_DEVICE_TYPES, reason="needs a GPU and the CUDA build")
+
+# (B, H, W, C, channels per group): depthwise and 4-per-group (FFN) convs, 1x1 and odd images, C = 1.
+ODD_CASES = [(2, 3, 5, 8, 1), (1, 4, 3, 8, 4), (1, 1, 1, 4, 1), (2, 1, 6, 3, 3), (1, 5, 1, 1, 1), (1, 3, 3, 6, 2)]
+
+
+def _inputs(case, dtype, device="cpu", seed=0):
+    """``[x, norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias]`` and a grad_out."""
+    B, H, W, C, cpg = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, mean=0.0, std=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+
+    tensors = [rand(B, H, W, C), rand(C, mean=1.0, std=0.3), rand(C, std=0.3), rand(C, cpg, 3, 3, std=0.5),
+               rand(C, std=0.3), rand(C, mean=1.0, std=0.3), rand(C, std=0.3)]
+    return [t.to(device=device, dtype=dtype) for t in tensors], rand(B, H, W, C).to(device=device, dtype=dtype)
+
+
+def _kernel(*args, eps=1e-6):
+    return torch.ops.structtoken.depthwise_projection(*args, eps)[0]
+
+
+def _assert_within_factor_of_eager(case, dtype, device, factor=3.0, floor=1e-6):
+    inputs, grad = _inputs(case, dtype, device)
+    ours = max_errors(_kernel, reference.depthwise_projection, inputs, grad, eps=1e-6)
+    eager = max_errors(reference.depthwise_projection, reference.depthwise_projection, inputs, grad, eps=1e-6)
+    for name in ours:
+        assert ours[name] <= factor * eager[name] + floor, (name, ours, eager)
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_cpu_float32_error_within_factor_of_eager(case):
+    _assert_within_factor_of_eager(case, torch.float32, "cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_cpu_gradcheck_float64(case):
+    inputs, _ = _inputs(case, torch.float64)
+    inputs = [t.requires_grad_() for t in inputs]
+    # C = 1 makes LayerNorm's output its bias: the input gradient is exactly 0, the check still holds.
+    assert torch.autograd.gradcheck(lambda *a: _kernel(*a, eps=1e-5), inputs)
+
+
+@needs_extension
+def test_saved_statistics_are_the_layernorm_statistics():
+    inputs, _ = _inputs((2, 3, 4, 6, 1), torch.float64)
+    x = inputs[0]
+    _, mean1, rstd1, conv_out, mean2, rstd2 = torch.ops.structtoken.depthwise_projection(*inputs, 1e-6)
+    torch.testing.assert_close(mean1, x.mean(-1))
+    torch.testing.assert_close(rstd1, (x.var(-1, unbiased=False) + 1e-6).rsqrt())
+    torch.testing.assert_close(mean2, conv_out.mean(-1))
+    torch.testing.assert_close(rstd2, (conv_out.var(-1, unbiased=False) + 1e-6).rsqrt())
+
+
+@needs_extension
+def test_opcheck():
+    inputs, grad = _inputs((1, 3, 4, 8, 2), torch.float32)
+    torch.library.opcheck(torch.ops.structtoken.depthwise_projection,
+                          [t.requires_grad_() for t in inputs] + [1e-6])
+    saved = torch.ops.structtoken.depthwise_projection(*[t.detach() for t in inputs], 1e-6)[1:]
+    x, w1, b1, cw, _, w2, b2 = (t.detach() for t in inputs)
+    torch.library.opcheck(torch.ops.structtoken.depthwise_projection_backward, (grad, x, w1, b1, cw, w2, b2, *saved))
+
+
+@needs_extension
+def test_torch_compile_traces_forward_and_backward():
+    inputs, grad = _inputs((1, 3, 3, 4, 1), torch.float64)
+    inputs = [t.requires_grad_() for t in inputs]
+    compiled = torch.compile(lambda *a: ops.depthwise_projection(*a), backend="aot_eager", fullgraph=True)
+    out = compiled(*inputs)
+    torch.testing.assert_close(out, reference.depthwise_projection(*inputs))
+    got = torch.autograd.grad(out, inputs[3], grad)[0]
+    expected = torch.autograd.grad(reference.depthwise_projection(*inputs), inputs[3], grad)[0]
+    torch.testing.assert_close(got, expected)
+
+
+def _with(inputs, index, tensor):
+    return inputs[:index] + [tensor] + inputs[index + 1:]
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "index, bad, message",
+    [
+        (0, torch.zeros(2, 3, 8), "x must be channels-last [B, H, W, C]"),
+        (0, torch.zeros(1, 8, 3, 4).permute(0, 2, 3, 1), "x must be contiguous"),
+        (0, torch.zeros(1, 3, 4, 8, dtype=torch.float16), "x must be float32 or float64 on CPU"),
+        (1, torch.zeros(7), "norm1_weight must be [C] with C = 8"),
+        (4, torch.zeros(8, 1), "conv_bias must be [C] with C = 8"),
+        (6, torch.zeros(8, dtype=torch.float64), "norm2_bias has dtype Double but x has dtype Float"),
+        (3, torch.zeros(8, 3, 3, 3), "conv_weight must be [C, C / groups, 3, 3] with C = 8"),
+        (3, torch.zeros(8, 1, 5, 5), "conv_weight must be [C, C / groups, 3, 3] with C = 8"),
+    ],
+)
+def test_bad_inputs_name_the_argument(index, bad, message):
+    inputs, _ = _inputs((1, 3, 4, 8, 1), torch.float32)
+    escaped = message.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(RuntimeError, match=escaped):
+        torch.ops.structtoken.depthwise_projection(*_with(inputs, index, bad), 1e-6)
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ODD_CASES + [(2, 7, 9, 300, 1), (1, 5, 6, 1100, 4), (1, 3, 5, 4096, 4),
+                                              (2, 40, 40, 768, 1), (1, 33, 40, 2600, 1)])
+def test_cuda_error_within_factor_of_eager(case, dtype):
+    _assert_within_factor_of_eager(case, dtype, "cuda", floor=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@needs_cuda_kernel
+def test_cuda_rejects_more_channels_than_supported():
+    inputs, _ = _inputs((1, 2, 2, 4097, 1), torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="supports C <= 4096"):
+        torch.ops.structtoken.depthwise_projection(*inputs, 1e-6)
+
+
+@needs_cuda_kernel
+def test_cuda_wider_inputs_take_the_reference():
+    inputs, _ = _inputs((1, 2, 2, ops.CUDA_MAX_PROJECTION_CHANNELS + 1, 1), torch.float32, "cuda")
+    torch.testing.assert_close(ops.depthwise_projection(*inputs), reference.depthwise_projection(*inputs))
+
+
+@needs_cuda_kernel
+def test_cuda_opcheck():
+    inputs, _ = _inputs((2, 5, 7, 520, 4), torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.structtoken.depthwise_projection,
+                          [t.requires_grad_() for t in inputs] + [1e-6])

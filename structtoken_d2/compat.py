@@ -7,7 +7,9 @@ imported (so import ``structtoken_d2`` first). A full, current detectron2 build 
    sdist ships no C++ sources), yet ``detectron2.layers.deform_conv`` and
    ``detectron2.evaluation.fast_eval_api`` import it at module level. A placeholder module is put
    in its place; calling any of its ops raises :class:`MissingDetectron2Op`, which names the op
-   and says how to get a full build. StructToken itself uses none of these ops.
+   and says how to get a full build. StructToken itself uses none of these ops. The three
+   build-information queries of ``detectron2.utils.collect_env`` (compiler, CUDA version,
+   ``has_cuda``) answer that no compiled ops were built, so ``default_setup`` still logs its table.
 2. ``PIL.Image.LINEAR`` was removed in Pillow 10; ``detectron2.data.transforms`` uses it as a
    default argument. It is aliased to ``PIL.Image.BILINEAR`` (the same filter).
 3. ``detectron2.evaluation.SemSegEvaluator`` uses ``np.int`` / ``np.float`` (removed in NumPy
@@ -32,7 +34,19 @@ class MissingDetectron2Op(RuntimeError):
 
 
 class _MissingExtension(types.ModuleType):
-    """Stand-in for ``detectron2._C``: every attribute is an op that raises when called."""
+    """Stand-in for ``detectron2._C``: every attribute is an op that raises when called, except the
+    build-information queries, which say that nothing was built."""
+
+    NOT_BUILT = "not built (detectron2 installed Python-only)"
+
+    def get_compiler_version(self) -> str:
+        return self.NOT_BUILT
+
+    def get_cuda_version(self) -> str:
+        return self.NOT_BUILT
+
+    def has_cuda(self) -> bool:
+        return False
 
     def __getattr__(self, name: str):
         if name.startswith("__"):

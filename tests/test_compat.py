@@ -54,3 +54,15 @@ def test_pillow_linear_alias_is_bilinear():
 
 def test_no_global_numpy_aliases():
     assert "int" not in vars(np) and "float" not in vars(np)
+
+
+def test_environment_table_builds_without_compiled_ops():
+    # default_setup() logs detectron2's environment table, which queries detectron2._C.
+    from detectron2.utils.collect_env import collect_env_info
+
+    table = collect_env_info()
+    assert "PyTorch" in table
+    from detectron2 import _C
+
+    if isinstance(_C, compat._MissingExtension):
+        assert "not built (detectron2 installed Python-only)" in table

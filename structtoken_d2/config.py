@@ -43,21 +43,34 @@ def _add_model_config(cfg: CN) -> None:
     # Scale of the channel-wise attention logits: "spatial" multiplies by (H*W)^-0.5, as the
     # authors' code does; "channel" divides by sqrt(C), as Eq. 2 and 6 of the paper write.
     cfg.MODEL.STRUCTTOKEN.ATTN_SCALE = "spatial"
-    # Epsilon of every LayerNorm in the decoder.
+    # Epsilon of the decoder's LayerNorms: projections (Phi/Psi/Upsilon) and the final ResBlock.
     cfg.MODEL.STRUCTTOKEN.LN_EPS = 1e-6
+    # Epsilon of the FFNs' LayerNorms. The authors build them from the head's norm_cfg
+    # dict(type='LN'), which mmcv completes with eps 1e-5 (not the projections' 1e-6).
+    cfg.MODEL.STRUCTTOKEN.FFN_LN_EPS = 1e-5
+    # Loss reduction. False: cross-entropy averaged over all pixels, ignored ones counting 0
+    # (mmseg's default avg_non_ignore=False, as the authors trained); True: over non-ignored pixels.
+    cfg.MODEL.STRUCTTOKEN.LOSS_AVG_NON_IGNORE = False
     # True: always use the pure-PyTorch reference of structtoken_d2.ops, even where the compiled
     # kernels are built (same effect as the environment variable STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1).
     cfg.MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS = False
 
     cfg.MODEL.VIT = CN()
-    # timm architecture name of the plain ViT backbone (patch 16): vit_tiny_patch16_384,
-    # vit_small_patch16_384, vit_base_patch16_384, vit_large_patch16_384, ...
+    # timm architecture name of the plain ViT backbone (MODEL.BACKBONE.NAME "TimmViT"), patch 16:
+    # vit_tiny_patch16_384, vit_small_patch16_384, vit_base_patch16_384, vit_large_patch16_384, ...
+    # Only the architecture comes from timm; its pretrained weights are never fetched.
     cfg.MODEL.VIT.NAME = "vit_base_patch16_384"
-    # Input size the backbone is built for (its position embeddings are interpolated to any
-    # other input size at run time). Usually the training crop.
+    # Override the architecture's width / depth / heads when non-zero (small models for tests).
+    cfg.MODEL.VIT.EMBED_DIM = 0
+    cfg.MODEL.VIT.DEPTH = 0
+    cfg.MODEL.VIT.NUM_HEADS = 0
+    # Input size the backbone is built for: its position embeddings cover IMG_SIZE / 16 and are
+    # resized (bicubic) to any other input at run time. The training crop, as in the authors'
+    # configs; it sets the parameter count (pos_embed).
     cfg.MODEL.VIT.IMG_SIZE = [512, 512]
     # Local path of ImageNet weights for the backbone alone (timm .pth / .safetensors, or an
-    # augreg .npz). Empty: random initialisation (logged); nothing is ever downloaded.
+    # augreg .npz); position embeddings of another grid are resized. Empty: random
+    # initialisation (logged); nothing is ever downloaded. A missing file is an error.
     cfg.MODEL.VIT.WEIGHTS = ""
     # Stochastic-depth rate of the backbone.
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
@@ -92,17 +105,26 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.POLY_LR_POWER = 1.0
     # Mixed-precision dtype when SOLVER.AMP.ENABLED: "bfloat16" (where supported) or "float16".
     cfg.SOLVER.AMP.DTYPE = "bfloat16"
+    # Parameters whose full name contains one of these get no weight decay (norm layers never
+    # do): position embedding, class token and the structure tokens, as in the authors' config.
+    cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["pos_embed", "cls_token", "sem_seg_head.tokens"]
 
 
 # ---------------------------------------------------------------------------- test
 def _add_test_config(cfg: CN) -> None:
-    # Inference mode: "slide" (overlapping crops, logits averaged) or "whole" (one pass).
+    # Inference mode (StructTokenSegmentor): "slide" (mmseg's sliding window: per side
+    # max(H - crop + stride - 1, 0) // stride + 1 windows, clipped to the image, overlapping
+    # logits averaged) or "whole" (one pass over the whole image).
     cfg.TEST.MODE = "slide"
-    # Sliding-window crop [h, w] and stride [h, w] (authors: 512/341 at 512 crop, 640/426 at 640).
+    # Sliding-window crop [h, w] and stride [h, w] (authors: 512/341 at 512 crop, 640/426 at 640,
+    # 768/512 on Cityscapes).
     cfg.TEST.SLIDE_CROP_SIZE = [512, 512]
     cfg.TEST.SLIDE_STRIDE = [341, 341]
     # Multi-scale test (with TEST.AUG.ENABLED): resize ratios applied to the test scale, each
-    # prediction run through TEST.MODE, logits averaged (mmseg MultiScaleFlipAug).
+    # prediction run through TEST.MODE, softmax probabilities averaged (mmseg MultiScaleFlipAug).
     cfg.TEST.AUG.RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     # mmseg-style test "img_scale" (long side, short side) that the ratios apply to.
     cfg.TEST.SCALE = [2048, 512]
+    # Number of predictions saved per evaluation as image | ground truth | prediction panels under
+    # OUTPUT_DIR/inference[_TTA]/predictions/<dataset> (0: none).
+    cfg.TEST.PREDICTION_IMAGES = 8

@@ -1,0 +1,3 @@
+from .structtoken import StructTokenSegmentor, check_dataset_num_classes
+
+__all__ = ["StructTokenSegmentor", "check_dataset_num_classes"]

@@ -8,5 +8,7 @@ from . import compat
 compat.apply()
 
 from .config import add_structtoken_config  # noqa: E402
+from . import data, evaluation  # noqa: E402,F401  (dataset and mapper registrations)
+from . import modeling  # noqa: E402,F401  (backbone, head, meta-architecture registrations)
 
 __all__ = ["add_structtoken_config"]

@@ -1,0 +1,12 @@
+"""Datasets, label reading and the training/test dataset mapper."""
+from . import datasets
+from .dataset_mapper import DATASET_MAPPER_REGISTRY, SemanticSegmentationMapper, build_dataset_mapper
+from .labels import read_sem_seg_label
+
+__all__ = [
+    "DATASET_MAPPER_REGISTRY",
+    "SemanticSegmentationMapper",
+    "build_dataset_mapper",
+    "datasets",
+    "read_sem_seg_label",
+]

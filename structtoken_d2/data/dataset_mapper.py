@@ -1,0 +1,120 @@
+"""Dataset mapper of the authors' mmseg pipeline, selected by ``cfg.INPUT.DATASET_MAPPER_NAME``.
+
+Training: keep-ratio random resize (``INPUT.RESIZE_SCALE`` x ``INPUT.RESIZE_RATIO_RANGE``) ->
+random crop ``INPUT.CROP.SIZE`` retried while one category covers more than
+``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` -> horizontal flip (p=0.5) -> photometric distortion ->
+pad to the crop size (image 0, label 255). Test: keep-ratio resize to ``TEST.SCALE`` (skipped for
+multi-scale test-time augmentation, which resizes the original image itself).
+"""
+import copy
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.utils.registry import Registry
+
+from .datasets.registration import IGNORE_LABEL
+from .labels import read_sem_seg_label
+from .transforms import PhotometricDistortion, ResizeToScale
+
+DATASET_MAPPER_REGISTRY = Registry("DATASET_MAPPER")
+DATASET_MAPPER_REGISTRY.__doc__ = """Builders ``f(cfg, is_train, **kwargs) -> mapper``, by the name
+used in ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+
+
+class SemanticSegmentationMapper:
+    """Maps a dataset record to the model input: ``image`` [3, H, W] uint8 in ``INPUT.FORMAT``,
+    ``sem_seg`` [H, W] int64 (training only) and the original ``height`` / ``width``."""
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: List[T.Augmentation],
+        image_format: str,
+        pad_size: Optional[List[int]] = None,
+    ):
+        """
+        Args:
+            is_train: whether to read and transform the label map.
+            augmentations: applied to the image and (in training) the label map together.
+            image_format: format of the image read (Detectron2 ``INPUT.FORMAT``).
+            pad_size: [h, w] the transformed image and label are padded to (bottom/right) with 0
+                and 255; None: no padding.
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.pad_size = pad_size
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True, resize_to_test_scale: bool = True) -> Dict:
+        if is_train:
+            augs = [ResizeToScale(cfg.INPUT.RESIZE_SCALE, cfg.INPUT.RESIZE_RATIO_RANGE)]
+            pad_size = None
+            if cfg.INPUT.CROP.ENABLED:
+                if cfg.INPUT.CROP.TYPE != "absolute":
+                    raise ValueError(
+                        f"INPUT.CROP.TYPE must be 'absolute' (a crop size in pixels) for the "
+                        f"'{cfg.INPUT.DATASET_MAPPER_NAME}' mapper, got {cfg.INPUT.CROP.TYPE!r}"
+                    )
+                augs.append(
+                    T.RandomCrop_CategoryAreaConstraint(
+                        "absolute", cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, IGNORE_LABEL
+                    )
+                )
+                pad_size = list(cfg.INPUT.CROP.SIZE)
+            augs.append(T.RandomFlip(0.5, horizontal=True, vertical=False))
+            if cfg.INPUT.PHOTOMETRIC_DISTORTION:
+                augs.append(PhotometricDistortion(image_format=cfg.INPUT.FORMAT))
+        else:
+            augs = [ResizeToScale(cfg.TEST.SCALE)] if resize_to_test_scale else []
+            pad_size = None
+        return dict(is_train=is_train, augmentations=augs, image_format=cfg.INPUT.FORMAT, pad_size=pad_size)
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = detection_utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        detection_utils.check_image_size(dataset_dict, image)
+        label = read_sem_seg_label(dataset_dict) if self.is_train else None
+        if label is not None and label.shape != image.shape[:2]:
+            raise ValueError(
+                f"Label {dataset_dict['sem_seg_file_name']} is {label.shape}, image "
+                f"{dataset_dict['file_name']} is {image.shape[:2]}: they must have the same size"
+            )
+        aug_input = T.AugInput(image, sem_seg=label)
+        self.augmentations(aug_input)
+        image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        if label is not None:
+            label = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
+        if self.pad_size is not None:
+            pad_h, pad_w = self.pad_size[0] - image.shape[1], self.pad_size[1] - image.shape[2]
+            if pad_h > 0 or pad_w > 0:
+                padding = [0, max(pad_w, 0), 0, max(pad_h, 0)]
+                image = torch.nn.functional.pad(image, padding, value=0)
+                label = torch.nn.functional.pad(label, padding, value=IGNORE_LABEL)
+        dataset_dict["image"] = image
+        if label is not None:
+            dataset_dict["sem_seg"] = label
+        return dataset_dict
+
+
+@DATASET_MAPPER_REGISTRY.register()
+def structtoken_semantic(cfg, is_train: bool, **kwargs) -> Callable[[Dict], Dict]:
+    """The authors' mmseg pipeline (:class:`SemanticSegmentationMapper`)."""
+    return SemanticSegmentationMapper(cfg, is_train, **kwargs)
+
+
+def build_dataset_mapper(cfg, is_train: bool, **kwargs) -> Callable[[Dict], Dict]:
+    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name not in DATASET_MAPPER_REGISTRY:
+        raise KeyError(
+            f"INPUT.DATASET_MAPPER_NAME {name!r} is not registered; known: "
+            f"{sorted(k for k, _ in DATASET_MAPPER_REGISTRY)}"
+        )
+    return DATASET_MAPPER_REGISTRY.get(name)(cfg, is_train, **kwargs)

@@ -40,6 +40,18 @@ inline void check_slice_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(q.is_cuda() == cuda, op, ": q must be a ", cuda ? "CUDA" : "CPU", " tensor");
 }
 
+// The backward's inputs: those of the forward, grad_out [B, M, N] like q, lse [B, M] on q's device.
+inline void check_slice_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& lse, bool cuda, const char* op) {
+  check_slice_attention(q, k, v, cuda, op);
+  check_same_device_dtype(q, "q", grad_out, "grad_out", op);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": grad_out must have the shape of q ", q.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1), op, ": lse must be [B, M] = [",
+              q.size(0), ", ", q.size(1), "], got ", lse.sizes());
+  TORCH_CHECK(lse.device() == q.device(), op, ": lse must be on ", q.device(), ", got ", lse.device());
+}
+
 // x [B, H, W, C] contiguous, conv_weight [C, C / groups, 3, 3], every other parameter [C].
 inline void check_depthwise_projection(const at::Tensor& x, const at::Tensor& norm1_weight,
                                        const at::Tensor& norm1_bias, const at::Tensor& conv_weight,

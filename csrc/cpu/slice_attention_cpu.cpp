@@ -66,13 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_attention_backward_cpu(cons
                                                                        const at::Tensor& q, const at::Tensor& k,
                                                                        const at::Tensor& v, const at::Tensor& lse,
                                                                        double scale) {
-  check_slice_attention(q, k, v, /*cuda=*/false, kBwd);
-  check_same_device_dtype(q, "q", grad_out, "grad_out", kBwd);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), kBwd, ": grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
+  check_slice_attention_backward(grad_out, q, k, v, lse, /*cuda=*/false, kBwd);
   const int64_t B = q.size(0), M = q.size(1), C = k.size(1);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M, kBwd, ": lse must be [B, M] = [", B, ", ",
-              M, "], got ", lse.sizes());
   auto lse_c = lse.to(q.scalar_type()).contiguous();
   auto probs = at::bmm(q, k.transpose(1, 2)).contiguous();         // [B, M, C]
   auto grad_s = at::bmm(grad_out, v.transpose(1, 2)).contiguous();  // [B, M, C]

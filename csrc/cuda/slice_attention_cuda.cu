@@ -90,14 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_attention_backward_cuda(con
                                                                         const at::Tensor& q, const at::Tensor& k,
                                                                         const at::Tensor& v, const at::Tensor& lse,
                                                                         double scale) {
-  check_slice_attention(q, k, v, /*cuda=*/true, kBwd);
-  check_same_device_dtype(q, "q", grad_out, "grad_out", kBwd);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), kBwd, ": grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
+  check_slice_attention_backward(grad_out, q, k, v, lse, /*cuda=*/true, kBwd);
   const int64_t B = q.size(0), M = q.size(1), C = k.size(1);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M, kBwd, ": lse must be [B, M] = [", B, ", ",
-              M, "], got ", lse.sizes());
-  TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse must be on ", q.device(), ", got ", lse.device());
   const c10::cuda::CUDAGuard guard(q.device());
   auto probs = at::empty({B, M, C}, q.options());
   auto grad_s = at::empty({B, M, C}, q.options());

@@ -1,0 +1,13 @@
+"""Dataset registrations, done on ``import structtoken_d2``; data are only read on use."""
+from .ade20k import register_ade20k
+from .cityscapes import register_cityscapes
+from .coco_stuff_10k import register_coco_stuff_10k
+from .registration import IGNORE_LABEL, DatasetNotFoundError, datasets_root
+from .shapes import register_shapes
+
+register_ade20k()
+register_cityscapes()
+register_coco_stuff_10k()
+register_shapes()
+
+__all__ = ["IGNORE_LABEL", "DatasetNotFoundError", "datasets_root"]

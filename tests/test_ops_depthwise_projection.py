@@ -28,13 +28,14 @@ def _inputs(case, dtype, device="cpu", seed=0):
     return [t.to(device=device, dtype=dtype) for t in tensors], rand(B, H, W, C).to(device=device, dtype=dtype)
 
 
-def _kernel(*args, eps=1e-6):
-    return torch.ops.structtoken.depthwise_projection(*args, eps)[0]
+def _kernel(*args, eps=1e-6, library=torch.ops.structtoken):
+    return library.depthwise_projection(*args, eps)[0]
 
 
-def _assert_within_factor_of_eager(case, dtype, device, factor=3.0, floor=1e-6):
+def _assert_within_factor_of_eager(case, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken):
     inputs, grad = _inputs(case, dtype, device)
-    ours = max_errors(_kernel, reference.depthwise_projection, inputs, grad, eps=1e-6)
+    ours = max_errors(lambda *a, eps: _kernel(*a, eps=eps, library=library), reference.depthwise_projection, inputs,
+                      grad, eps=1e-6)
     eager = max_errors(reference.depthwise_projection, reference.depthwise_projection, inputs, grad, eps=1e-6)
     for name in ours:
         assert ours[name] <= factor * eager[name] + floor, (name, ours, eager)
@@ -113,12 +114,42 @@ def test_bad_inputs_name_the_argument(index, bad, message):
         torch.ops.structtoken.depthwise_projection(*_with(inputs, index, bad), 1e-6)
 
 
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda_floor(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-3
+
+
 @needs_cuda_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("case", ODD_CASES + [(2, 7, 9, 300, 1), (1, 5, 6, 1100, 4), (1, 3, 5, 4096, 4),
                                               (2, 40, 40, 768, 1), (1, 33, 40, 2600, 1)])
 def test_cuda_error_within_factor_of_eager(case, dtype):
-    _assert_within_factor_of_eager(case, dtype, "cuda", floor=1e-5 if dtype == torch.float32 else 1e-3)
+    _assert_within_factor_of_eager(case, dtype, "cuda", floor=_cuda_floor(dtype))
+
+
+# The CUDA sources run on the CPU by the emulator (tests/cuda_emulation): CI's check of the device code. Beyond
+# the odd cases: 2 and 4 values per thread, the 512-thread layout (C > 2048) at its 4096 limit, and weight-gradient
+# grids with several image rows per row group (C = 2700, 3 channels per group: 33 blocks per row group).
+EMULATED_CASES = ODD_CASES + [(2, 3, 4, 300, 1), (1, 2, 3, 1100, 4), (1, 2, 2, 4096, 4), (2, 20, 1, 2700, 3)]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("case", EMULATED_CASES)
+def test_emulated_cuda_error_within_factor_of_eager(case, dtype, emulated_cuda_ops):
+    _assert_within_factor_of_eager(case, dtype, "cpu", floor=_cuda_floor(dtype), library=emulated_cuda_ops)
+
+
+def test_emulated_cuda_rejects_more_channels_than_supported(emulated_cuda_ops):
+    inputs, _ = _inputs((1, 1, 1, 4097, 1), torch.float32)
+    with pytest.raises(RuntimeError, match="supports C <= 4096"):
+        emulated_cuda_ops.depthwise_projection(*inputs, 1e-6)
+
+
+def test_emulated_cuda_opcheck(emulated_cuda_ops):
+    inputs, _ = _inputs((2, 3, 4, 40, 4), torch.bfloat16)
+    torch.library.opcheck(emulated_cuda_ops.depthwise_projection, [t.requires_grad_() for t in inputs] + [1e-6])
 
 
 @needs_cuda_kernel

@@ -24,14 +24,15 @@ def _inputs(shape, dtype, device="cpu", seed=0):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)], grad.to(device=device, dtype=dtype)
 
 
-def _kernel(q, k, v, scale):
-    return torch.ops.structtoken.slice_attention(q, k, v, scale)[0]
+def _kernel(q, k, v, scale, library=torch.ops.structtoken):
+    return library.slice_attention(q, k, v, scale)[0]
 
 
-def _assert_within_factor_of_eager(shape, dtype, device, factor=3.0, floor=1e-6):
+def _assert_within_factor_of_eager(shape, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken):
     (q, k, v), grad = _inputs(shape, dtype, device)
     scale = q.shape[-1] ** -0.5
-    ours = max_errors(_kernel, reference.slice_attention, (q, k, v), grad, scale=scale)
+    ours = max_errors(lambda *a, scale: _kernel(*a, scale, library), reference.slice_attention, (q, k, v), grad,
+                      scale=scale)
     eager = max_errors(reference.slice_attention, reference.slice_attention, (q, k, v), grad, scale=scale)
     for name in ours:
         assert ours[name] <= factor * eager[name] + floor, (name, ours, eager)
@@ -52,11 +53,11 @@ def test_cpu_gradcheck_float64(shape):
 
 
 @needs_extension
-def test_lse_is_the_logsumexp_of_the_scaled_logits():
+def test_saved_probs_are_the_softmax_of_the_scaled_logits():
     (q, k, v), _ = _inputs((2, 4, 6, 9), torch.float64)
-    _, lse = torch.ops.structtoken.slice_attention(q, k, v, 0.3)
-    expected = torch.logsumexp(torch.einsum("bmn,bcn->bmc", q, k) * 0.3, dim=-1)
-    torch.testing.assert_close(lse, expected)
+    _, probs = torch.ops.structtoken.slice_attention(q, k, v, 0.3)
+    expected = torch.softmax(torch.einsum("bmn,bcn->bmc", q, k) * 0.3, dim=-1)
+    torch.testing.assert_close(probs, expected)
 
 
 @needs_extension
@@ -65,8 +66,8 @@ def test_opcheck():
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.structtoken.slice_attention, (q, k, v, 0.5))
-    lse = torch.randn(2, 3)
-    bwd_args = (grad, q.detach(), k.detach(), v.detach(), lse, 0.5)
+    probs = torch.softmax(torch.randn(2, 3, 5), dim=-1)
+    bwd_args = (grad, q.detach(), k.detach(), v.detach(), probs, 0.5)
     torch.library.opcheck(torch.ops.structtoken.slice_attention_backward, bwd_args)
 
 
@@ -115,15 +116,48 @@ def test_dtype_mismatch_names_the_argument():
         torch.ops.structtoken.slice_attention(q, k, k.double(), 1.0)
 
 
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda_floor(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-3
+
+
 @needs_cuda_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 150, 192, 1024), (1, 342, 171, 1600)])
 def test_cuda_error_within_factor_of_eager(shape, dtype):
-    _assert_within_factor_of_eager(shape, dtype, "cuda", floor=1e-5 if dtype == torch.float32 else 1e-3)
+    _assert_within_factor_of_eager(shape, dtype, "cuda", floor=_cuda_floor(dtype))
+
+
+# The CUDA sources run on the CPU by the emulator (tests/cuda_emulation): CI's check of the device code.
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 40, 70, 96)])
+def test_emulated_cuda_error_within_factor_of_eager(shape, dtype, emulated_cuda_ops):
+    _assert_within_factor_of_eager(shape, dtype, "cpu", floor=_cuda_floor(dtype), library=emulated_cuda_ops)
+
+
+def test_emulated_cuda_saved_probs_are_the_softmax(emulated_cuda_ops):
+    (q, k, v), _ = _inputs((2, 9, 40, 33), torch.bfloat16)
+    _, probs = emulated_cuda_ops.slice_attention(q, k, v, 0.3)
+    expected = torch.softmax(torch.einsum("bmn,bcn->bmc", q.double(), k.double()) * 0.3, dim=-1)
+    assert probs.dtype == torch.bfloat16
+    torch.testing.assert_close(probs.double(), expected, rtol=2 ** -8, atol=1e-6)
+
+
+def test_emulated_cuda_rejects_float64_naming_the_backend(emulated_cuda_ops):
+    (q, k, v), _ = _inputs((1, 2, 3, 4), torch.float64)
+    with pytest.raises(RuntimeError, match=r"q must be float32, float16 or bfloat16 on CUDA \(emulated"):
+        emulated_cuda_ops.slice_attention(q, k, v, 1.0)
+
+
+def test_emulated_cuda_opcheck(emulated_cuda_ops):
+    (q, k, v), _ = _inputs((2, 3, 40, 70), torch.bfloat16)
+    torch.library.opcheck(emulated_cuda_ops.slice_attention, [t.requires_grad_() for t in (q, k, v)] + [0.5])
 
 
 @needs_cuda_kernel
-def test_cuda_gradcheck_float64_is_rejected_with_a_clear_message():
+def test_cuda_float64_is_rejected_with_a_clear_message():
     (q, k, v), _ = _inputs((1, 2, 3, 4), torch.float64, "cuda")
     with pytest.raises(RuntimeError, match="q must be float32, float16 or bfloat16 on CUDA"):
         torch.ops.structtoken.slice_attention(q, k, v, 1.0)

@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& norm1_weight, const at::Tensor& norm1_bias, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, const at::Tensor& norm2_weight, const at::Tensor& norm2_bias, double eps) {
   check_depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias,
-                             /*cuda=*/false, kFwd);
+                             kCpuKernels, kFwd);
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kFwd, [&] {
     r = forward<scalar_t>(x, norm1_weight.contiguous(), norm1_bias.contiguous(), conv_weight.contiguous(),
@@ -272,7 +272,7 @@ depthwise_projection_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
                              const at::Tensor& rstd1, const at::Tensor& conv_out, const at::Tensor& mean2,
                              const at::Tensor& rstd2) {
   check_depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, norm2_bias, norm2_weight, norm2_bias,
-                             /*cuda=*/false, kBwd);  // no conv_bias in the backward: norm2_bias stands in
+                             kCpuKernels, kBwd);  // no conv_bias in the backward: norm2_bias stands in
   TORCH_CHECK(grad_out.sizes() == x.sizes() && conv_out.sizes() == x.sizes(), kBwd,
               ": grad_out and conv_out must have the shape of x ", x.sizes());
   const auto pixels = x.numel() / x.size(3);

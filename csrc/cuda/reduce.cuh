@@ -1,6 +1,6 @@
 // Warp- and block-level reductions of the CUDA kernels.
 #pragma once
-#include <cuda_runtime.h>
+#include "cuda/device.cuh"
 
 namespace structtoken {
 

@@ -1,9 +1,12 @@
-// CUDA kernels of structtoken::slice_attention and slice_attention_backward: cuBLAS GEMMs (through ATen,
-// fp32 accumulation and fp32 logits) around a fused softmax + logsumexp kernel (forward) and a fused
-// softmax-backward kernel (backward); one warp per row of C logits.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
+// CUDA kernels of structtoken::slice_attention and slice_attention_backward: cuBLAS GEMMs (through ATen, fp32
+// accumulation, fp32 logits and logit gradients) around one fused row kernel each, one warp per row of C:
+//   forward:  logits = q k^T (fp32) -> softmax_kernel -> probs (kept for the backward) -> out = probs v
+//   backward: dP = dO v^T (fp32) -> softmax_backward_kernel(probs, dP) -> dS; dq = dS k, dk = dS^T q,
+//             dv = probs^T dO
+// Keeping probs [B, M, C] (no larger than the logits, and what eager PyTorch keeps too) spares the backward
+// the logits GEMM.
+#include "cuda/device.cuh"
+
 #include <torch/library.h>
 
 #include "checks.h"
@@ -16,10 +19,10 @@ constexpr const char* kFwd = "slice_attention";
 constexpr const char* kBwd = "slice_attention_backward";
 constexpr int kWarpsPerBlock = 8;
 
-// probs[r, :] = softmax(logits[r, :] * scale) and lse[r] = logsumexp(logits[r, :] * scale), r < R.
+// probs[r, :] = softmax(logits[r, :] * scale), r < R.
 template <typename scalar_t>
-__global__ void softmax_lse_kernel(const float* __restrict__ logits, scalar_t* __restrict__ probs,
-                                   float* __restrict__ lse, int64_t R, int C, float scale) {
+__global__ void softmax_kernel(const float* __restrict__ logits, scalar_t* __restrict__ probs, int64_t R, int C,
+                               float scale) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= R) return;  // whole warp leaves: no block-wide synchronisation below
@@ -31,33 +34,22 @@ __global__ void softmax_lse_kernel(const float* __restrict__ logits, scalar_t* _
   for (int c = lane; c < C; c += 32) sum += expf(s[c] * scale - mx);
   const float l = mx + logf(warp_sum(sum));
   for (int c = lane; c < C; c += 32) probs[row * C + c] = static_cast<scalar_t>(expf(s[c] * scale - l));
-  if (lane == 0) lse[row] = l;
 }
 
-// P = exp(logits * scale - lse) -> probs; grad_s = P * (grad_p - sum_c P * grad_p) * scale, per row.
+// grad_s[r, :] = P * (dP - sum_c P * dP) * scale with P = probs[r, :], dP = grad_p[r, :], r < R.
 template <typename scalar_t>
-__global__ void softmax_backward_kernel(const float* __restrict__ logits, const float* __restrict__ grad_p,
-                                        const float* __restrict__ lse, scalar_t* __restrict__ probs,
+__global__ void softmax_backward_kernel(const scalar_t* __restrict__ probs, const float* __restrict__ grad_p,
                                         scalar_t* __restrict__ grad_s, int64_t R, int C, float scale) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= R) return;
-  const float* s = logits + row * C;
+  const scalar_t* p = probs + row * C;
   const float* dp = grad_p + row * C;
-  const float l = lse[row];
   float dot = 0.f;
-  for (int c = lane; c < C; c += 32) dot += expf(s[c] * scale - l) * dp[c];
+  for (int c = lane; c < C; c += 32) dot += static_cast<float>(p[c]) * dp[c];
   dot = warp_sum(dot);
-  for (int c = lane; c < C; c += 32) {
-    const float p = expf(s[c] * scale - l);
-    probs[row * C + c] = static_cast<scalar_t>(p);
-    grad_s[row * C + c] = static_cast<scalar_t>(p * (dp[c] - dot) * scale);
-  }
-}
-
-// a @ b in fp32 ([B, X, Y] x [B, Y, Z] -> [B, X, Z] float32), accumulating in fp32.
-at::Tensor bmm_fp32(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
+  for (int c = lane; c < C; c += 32)
+    grad_s[row * C + c] = static_cast<scalar_t>(static_cast<float>(p[c]) * (dp[c] - dot) * scale);
 }
 
 unsigned int row_blocks(int64_t rows) {
@@ -68,51 +60,45 @@ unsigned int row_blocks(int64_t rows) {
 
 std::tuple<at::Tensor, at::Tensor> slice_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, double scale) {
-  check_slice_attention(q, k, v, /*cuda=*/true, kFwd);
-  const c10::cuda::CUDAGuard guard(q.device());
+  check_slice_attention(q, k, v, kDeviceKernels, kFwd);
+  const DeviceGuard guard(q.device());
   const int64_t B = q.size(0), M = q.size(1), C = k.size(1);
   TORCH_CHECK(C <= 0x7fffffff, kFwd, ": too many channels C = ", C);
-  auto lse = at::empty({B, M}, q.options().dtype(at::kFloat));
   auto probs = at::empty({B, M, C}, q.options());
   if (B * M > 0) {
     const auto logits = bmm_fp32(q, k.transpose(1, 2)).contiguous();  // [B, M, C]
     ST_DISPATCH_CUDA_TYPES(q.scalar_type(), kFwd, [&] {
-      softmax_lse_kernel<scalar_t><<<row_blocks(B * M), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          logits.data_ptr<float>(), probs.data_ptr<scalar_t>(), lse.data_ptr<float>(), B * M, static_cast<int>(C),
-          static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(softmax_kernel<scalar_t>, row_blocks(B * M), kWarpsPerBlock * 32, current_stream(),
+             logits.data_ptr<float>(), probs.data_ptr<scalar_t>(), B * M, static_cast<int>(C),
+             static_cast<float>(scale));
     });
   }
-  return {at::bmm(probs, v), lse};
+  return {at::bmm(probs, v), probs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_attention_backward_cuda(const at::Tensor& grad_out,
                                                                         const at::Tensor& q, const at::Tensor& k,
-                                                                        const at::Tensor& v, const at::Tensor& lse,
+                                                                        const at::Tensor& v, const at::Tensor& probs,
                                                                         double scale) {
-  check_slice_attention_backward(grad_out, q, k, v, lse, /*cuda=*/true, kBwd);
+  check_slice_attention_backward(grad_out, q, k, v, probs, kDeviceKernels, kBwd);
   const int64_t B = q.size(0), M = q.size(1), C = k.size(1);
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto probs = at::empty({B, M, C}, q.options());
+  const DeviceGuard guard(q.device());
+  const auto p = probs.contiguous();
   auto grad_s = at::empty({B, M, C}, q.options());
   if (B * M > 0) {
-    const auto lse_f = lse.to(at::kFloat).contiguous();
-    const auto logits = bmm_fp32(q, k.transpose(1, 2)).contiguous();         // [B, M, C]
     const auto grad_p = bmm_fp32(grad_out, v.transpose(1, 2)).contiguous();  // [B, M, C]
     ST_DISPATCH_CUDA_TYPES(q.scalar_type(), kBwd, [&] {
-      softmax_backward_kernel<scalar_t>
-          <<<row_blocks(B * M), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              logits.data_ptr<float>(), grad_p.data_ptr<float>(), lse_f.data_ptr<float>(), probs.data_ptr<scalar_t>(),
-              grad_s.data_ptr<scalar_t>(), B * M, static_cast<int>(C), static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(softmax_backward_kernel<scalar_t>, row_blocks(B * M), kWarpsPerBlock * 32, current_stream(),
+             p.data_ptr<scalar_t>(), grad_p.data_ptr<float>(), grad_s.data_ptr<scalar_t>(), B * M,
+             static_cast<int>(C), static_cast<float>(scale));
     });
   }
-  return {at::bmm(grad_s, k), at::bmm(grad_s.transpose(1, 2), q), at::bmm(probs.transpose(1, 2), grad_out)};
+  return {at::bmm(grad_s, k), at::bmm(grad_s.transpose(1, 2), q), at::bmm(p.transpose(1, 2), grad_out)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(structtoken, CUDA, m) {
+TORCH_LIBRARY_IMPL(structtoken, ST_CUDA_DISPATCH_KEY, m) {
   m.impl("slice_attention", &slice_attention_cuda);
   m.impl("slice_attention_backward", &slice_attention_backward_cuda);
 }

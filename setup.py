@@ -34,7 +34,7 @@ def _extensions():
     if not sources:
         print("structtoken-d2: no C++ sources in csrc/, building without the compiled extension")
         return [], {}
-    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    cxx_flags = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]  # torch >= 2.10 headers need C++20; theirs use `#pragma unroll`
     if _cuda_wanted(CUDA_HOME):
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -20,7 +20,7 @@
 
 #include "checks.h"
 #include "cuda/reduce.cuh"
-#include "kernel_math.h"
+#include "cuda/kernel_math.cuh"
 
 namespace structtoken {
 namespace {

@@ -45,3 +45,14 @@ def test_missing_extension_exits_with_build_instructions(benchmark_ops, monkeypa
     monkeypatch.setattr(ops, "COMPILED_DEVICE_TYPES", frozenset())
     with pytest.raises(SystemExit, match="no compiled structtoken ops for cpu .*setup.py build_ext --inplace"):
         benchmark_ops.main(["--device", "cpu", "--smoke"])
+
+
+def test_bandwidth_roofline_matches_the_h100_sxm_datasheet():
+    from structtoken_d2.ops.timing import derived_gbps
+
+    # H100 SXM5: HBM3 at 2619 MHz on a 5120-bit bus; NVIDIA's datasheet says 3.35 TB/s.
+    assert derived_gbps("NVIDIA H100 80GB HBM3", 2_619_000, 5120) == pytest.approx(3350, rel=0.01)
+    # A driver that reports no memory clock (CUDA 13 removed it from cudaDeviceProp): the datasheet table.
+    assert derived_gbps("NVIDIA H100 80GB HBM3", 0, 0) == pytest.approx(3350, rel=0.01)
+    assert derived_gbps("NVIDIA H100 PCIe", 0, 0) == pytest.approx(2000, rel=0.01)
+    assert derived_gbps("Some Future GPU", 0, 0) is None

@@ -19,6 +19,11 @@ PEAK_TFLOPS = {
     ("A100", torch.bfloat16): 312.0, ("A100", torch.float16): 312.0, ("A100", torch.float32): 19.5,
 }
 
+# Peak memory bandwidth GB/s by device-name substring (first match wins), for when the driver reports no
+# memory clock (CUDA 13 dropped it from cudaDeviceProp).
+PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
+             "A100 80GB PCIe": 1935.0, "A100": 1555.0}
+
 
 @dataclass
 class Roofline:
@@ -43,10 +48,17 @@ def device_roofline(device: torch.device, dtype: torch.dtype, gbps: Optional[flo
     if device.type != "cuda":
         return Roofline(gbps, tflops)
     props = torch.cuda.get_device_properties(device)
-    # Double data rate: memory_clock_rate is in kHz, memory_bus_width in bits.
-    derived_gbps = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9
-    derived_tflops = next((v for (name, dt), v in PEAK_TFLOPS.items() if name in props.name and dt == dtype), None)
-    return Roofline(gbps or derived_gbps, tflops or derived_tflops)
+    return Roofline(gbps or derived_gbps(props.name, getattr(props, "memory_clock_rate", 0),
+                                             getattr(props, "memory_bus_width", 0)),
+                    tflops or next((v for (name, dt), v in PEAK_TFLOPS.items() if name in props.name and dt == dtype),
+                                   None))
+
+
+def derived_gbps(name: str, memory_clock_khz: int, bus_width_bits: int) -> Optional[float]:
+    """Peak bandwidth from the memory clock (double data rate) and bus width, else from ``PEAK_GBPS``."""
+    if memory_clock_khz and bus_width_bits:
+        return 2 * memory_clock_khz * 1e3 * bus_width_bits / 8 / 1e9
+    return next((v for key, v in PEAK_GBPS.items() if key in name), None)
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:

@@ -110,6 +110,15 @@ def test_bad_inputs_name_the_argument(q_shape, k_shape, v_shape, dtype, message)
 
 
 @needs_extension
+def test_backward_checks_the_saved_probs():
+    (q, k, v), grad = _inputs((2, 3, 5, 7), torch.float32)
+    with pytest.raises(RuntimeError, match=r"probs must be \[B, M, C\] = \[2, 3, 5\], got \[2, 3, 4\]"):
+        torch.ops.structtoken.slice_attention_backward(grad, q, k, v, torch.zeros(2, 3, 4), 1.0)
+    with pytest.raises(RuntimeError, match="probs has dtype Double but q has dtype Float"):
+        torch.ops.structtoken.slice_attention_backward(grad, q, k, v, torch.zeros(2, 3, 5, dtype=torch.float64), 1.0)
+
+
+@needs_extension
 def test_dtype_mismatch_names_the_argument():
     q, k = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)
     with pytest.raises(RuntimeError, match="v has dtype Double but q has dtype Float"):

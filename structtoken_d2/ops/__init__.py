@@ -45,6 +45,9 @@ def _compiled_device_types() -> frozenset:
 
 COMPILED_DEVICE_TYPES = _compiled_device_types()
 
+# The op library the dispatch below calls (the tests swap in the CUDA kernels run on the CPU emulator).
+LIBRARY = torch.ops.structtoken
+
 
 def active_implementation(device) -> str:
     """``"compiled-cuda"``, ``"compiled-cpu"`` or ``"pytorch"``: what the ops run on ``device``."""
@@ -73,7 +76,7 @@ def slice_attention(q, k, v, scale: float):
     if not _runs_compiled(q.device, dtype):
         return reference.slice_attention(q, k, v, scale)
     with torch.autocast(q.device.type, enabled=False):
-        return torch.ops.structtoken.slice_attention(q.to(dtype), k.to(dtype), v.to(dtype), float(scale))[0]
+        return LIBRARY.slice_attention(q.to(dtype), k.to(dtype), v.to(dtype), float(scale))[0]
 
 
 def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias, eps=1e-6):
@@ -88,7 +91,7 @@ def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, no
         return reference.depthwise_projection(x, *params, eps)
     with torch.autocast(x.device.type, enabled=False):
         args = [x.to(dtype).contiguous()] + [p.to(dtype) for p in params]
-        return torch.ops.structtoken.depthwise_projection(*args, float(eps))[0]
+        return LIBRARY.depthwise_projection(*args, float(eps))[0]
 
 
 __all__ = ["active_implementation", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]

@@ -20,6 +20,11 @@ def add_structtoken_config(cfg: CN) -> CN:
 
 # ---------------------------------------------------------------------------- model
 def _add_model_config(cfg: CN) -> None:
+    # torch.compile the backbone and the head, for training and inference (nn.Module.compile(), in
+    # place: the state_dict keys, and so the checkpoints, are those of the eager model). The first
+    # iterations, and the first images of each new input size, are slow while they compile.
+    # tools/benchmark_model.py --compile measures what it gains on a machine (docs/benchmarks.md).
+    cfg.MODEL.COMPILE = False
     cfg.MODEL.STRUCTTOKEN = CN()
     # Extraction module of every decoder block: "CSE" (cross-slice), "SSE" (self-slice) or "PWE"
     # (point-wise); one entry of EXTRACTION_REGISTRY (structtoken_d2/modeling/heads/extraction.py).
@@ -54,6 +59,12 @@ def _add_model_config(cfg: CN) -> None:
     # True: always use the pure-PyTorch reference of structtoken_d2.ops, even where the compiled
     # kernels are built (same effect as the environment variable STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1).
     cfg.MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS = False
+    # Fine-tuning to another class count: True loads a checkpoint (MODEL.WEIGHTS) whose number of
+    # classes differs from MODEL.SEM_SEG_HEAD.NUM_CLASSES, leaving every head tensor whose shape
+    # depends on it (structure tokens, final ResBlock, K-wide projections/FFNs/norms) at its fresh
+    # initialisation, with a WARNING listing them; everything else is loaded. False: such a
+    # checkpoint is refused with ClassCountMismatchError.
+    cfg.MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS = False
 
     cfg.MODEL.VIT = CN()
     # timm architecture name of the plain ViT backbone (MODEL.BACKBONE.NAME "TimmViT"), patch 16:
@@ -68,9 +79,11 @@ def _add_model_config(cfg: CN) -> None:
     # resized (bicubic) to any other input at run time. The training crop, as in the authors'
     # configs; it sets the parameter count (pos_embed).
     cfg.MODEL.VIT.IMG_SIZE = [512, 512]
-    # Local path of ImageNet weights for the backbone alone (timm .pth / .safetensors, or an
-    # augreg .npz); position embeddings of another grid are resized. Empty: random
-    # initialisation (logged); nothing is ever downloaded. A missing file is an error.
+    # Local path of ImageNet weights for the backbone alone (timm .pth / .safetensors, the same in
+    # mmseg's VisionTransformer names as mmseg's vit2mmseg writes the vit_*_p16_384.pth of the
+    # authors' configs (detected from the keys), or an augreg .npz); position embeddings of
+    # another grid are resized. Empty: random initialisation (logged); nothing is ever
+    # downloaded. A missing file is an error.
     cfg.MODEL.VIT.WEIGHTS = ""
     # Stochastic-depth rate of the backbone.
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
@@ -92,6 +105,18 @@ def _add_data_config(cfg: CN) -> None:
     # mmseg PhotoMetricDistortion (brightness, contrast, saturation, hue) on training images.
     cfg.INPUT.PHOTOMETRIC_DISTORTION = True
 
+    # Your own data from the command line: a folder ROOT with images/<split>/*.<IMAGE_EXT> and
+    # labels/<split>/*.png (8-bit train ids 0..K-1, 255 = ignore; matched by relative path without
+    # extension) registers one dataset "folder_<split>" per split (use them in DATASETS.TRAIN/TEST).
+    # "" registers nothing. In Python: structtoken_d2.data.datasets.register_folder_dataset.
+    cfg.DATASETS.FOLDER = CN()
+    cfg.DATASETS.FOLDER.ROOT = ""
+    # Class names of the folder datasets, index = train id; their number must equal
+    # MODEL.SEM_SEG_HEAD.NUM_CLASSES.
+    cfg.DATASETS.FOLDER.CLASSES = []
+    # Extension of the images ("jpg", "png", ...); "" accepts jpg, jpeg, png, bmp, tif, tiff, webp.
+    cfg.DATASETS.FOLDER.IMAGE_EXT = ""
+
 
 # ---------------------------------------------------------------------------- solver
 def _add_solver_config(cfg: CN) -> None:
@@ -99,14 +124,29 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # AdamW betas.
     cfg.SOLVER.BETAS = [0.9, 0.999]
-    # Learning-rate multiplier of the decode head (sem_seg_head) relative to SOLVER.BASE_LR.
+    # How each parameter gets its learning rate and weight decay (structtoken_d2/engine/optimizer.py):
+    # "norm_layers": weight decay 0 for parameters of norm layers and for names containing one of
+    #   NO_WEIGHT_DECAY_KEYS; lr x HEAD_LR_MULTIPLIER for the decode head (sem_seg_head.*).
+    # "mmcv_custom_keys": mmcv's paramwise_cfg.custom_keys, as the authors' configs use it. Each
+    #   parameter's name IN THE AUTHORS' MODEL (mmseg names: decode_head.*, backbone.layers.N.ln1 ...;
+    #   structtoken_d2/modeling/mmseg_names.py) is tested against the keys of CUSTOM_KEYS, longest
+    #   key first (alphabetical among equal lengths); the first key it contains sets
+    #   lr = BASE_LR * LR_MULT and weight decay = WEIGHT_DECAY * DECAY_MULT; no key: BASE_LR and
+    #   WEIGHT_DECAY. With the authors' keys, the whole decode head (its norms and tokens too)
+    #   gets lr x8 WITH weight decay, and the ViT's LayerNorms (ln1 / ln2) keep weight decay.
+    cfg.SOLVER.PARAM_GROUPS = "norm_layers"
+    # The custom_keys of PARAM_GROUPS "mmcv_custom_keys": {key: {LR_MULT: .., DECAY_MULT: ..}},
+    # each multiplier 1.0 when not given, e.g. (the authors') decode_head: {LR_MULT: 8.0},
+    # norm: {DECAY_MULT: 0.0}. Set in configs/Base-StructToken.yaml.
+    cfg.SOLVER.CUSTOM_KEYS = CN(new_allowed=True)
+    # PARAM_GROUPS "norm_layers": learning-rate multiplier of the decode head (sem_seg_head).
     cfg.SOLVER.HEAD_LR_MULTIPLIER = 8.0
     # Power of the poly learning-rate decay (1.0 = linear decay to 0).
     cfg.SOLVER.POLY_LR_POWER = 1.0
     # Mixed-precision dtype when SOLVER.AMP.ENABLED: "bfloat16" (where supported) or "float16".
     cfg.SOLVER.AMP.DTYPE = "bfloat16"
-    # Parameters whose full name contains one of these get no weight decay (norm layers never
-    # do): position embedding, class token and the structure tokens, as in the authors' config.
+    # PARAM_GROUPS "norm_layers": parameters whose full name contains one of these get no weight
+    # decay (norm layers never do): position embedding, class token and the structure tokens.
     cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["pos_embed", "cls_token", "sem_seg_head.tokens"]
 
 
@@ -120,6 +160,23 @@ def _add_test_config(cfg: CN) -> None:
     # 768/512 on Cityscapes).
     cfg.TEST.SLIDE_CROP_SIZE = [512, 512]
     cfg.TEST.SLIDE_STRIDE = [341, 341]
+    # How the head's stride-16 logits of one pass (a window, or the whole image) of size H x W
+    # are brought to H x W (bilinear, align_corners False either way). The ViT zero-pads the input
+    # to ceil(H/16)*16 x ceil(W/16)*16, so logit (i, j) belongs to the patch at rows 16i..16i+15.
+    # "aligned": upsample to the padded size, then crop the padding off; each logit stays centred
+    # on its patch: the geometrically exact rule. "mmseg": resize straight to H x W, as mmseg's
+    # EncoderDecoder.encode_decode does (how the authors' numbers were evaluated); when H or W is
+    # not a multiple of 16 this stretches the padded grid over the unpadded image, shifting
+    # predictions towards the top-left by up to 15 px at the bottom/right edge. Both give the same
+    # result when H and W are multiples of 16 (e.g. full 512x512 sliding windows).
+    cfg.TEST.LOGITS_RESIZE = "aligned"
+    # Most passes through the network per forward (TEST.MODE slide: windows; whole: images). The
+    # windows of an image and of its flipped view (and views of equal size) are stacked and run
+    # this many at a time; 1 runs them one by one, as mmseg does. The result is the same to float
+    # rounding. 4 suits a CPU (docs/benchmarks.md: 8 is slower there on 512x512 windows, whose
+    # activations then overflow the caches); a GPU may want more. The network's activations grow
+    # with it; the window logits are resized and summed one window at a time.
+    cfg.TEST.SLIDE_BATCH = 4
     # Multi-scale test (with TEST.AUG.ENABLED): resize ratios applied to the test scale, each
     # prediction run through TEST.MODE, softmax probabilities averaged (mmseg MultiScaleFlipAug).
     cfg.TEST.AUG.RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -128,3 +185,9 @@ def _add_test_config(cfg: CN) -> None:
     # Number of predictions saved per evaluation as image | ground truth | prediction panels under
     # OUTPUT_DIR/inference[_TTA]/predictions/<dataset> (0: none).
     cfg.TEST.PREDICTION_IMAGES = 8
+    # Evaluate DATASETS.TEST after the last iteration (Detectron2's EvalHook always does; with
+    # TEST.AUG.ENABLED tools/train_net.py adds a test-time-augmentation evaluation). False skips
+    # both, e.g. for smoke runs; periodic evaluations (TEST.EVAL_PERIOD) still run.
+    cfg.TEST.EVAL_AFTER_TRAIN = True
+    # Evaluate only the first N images of each test dataset (0: all), e.g. for quick runs.
+    cfg.TEST.EVAL_NUM_IMAGES = 0

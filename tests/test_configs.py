@@ -76,7 +76,12 @@ def test_config_is_consistent_and_follows_the_recipe(rel):
     assert (s.OPTIMIZER, s.IMS_PER_BATCH, s.WEIGHT_DECAY, list(s.BETAS)) == ("ADAMW", 16, 0.01, [0.9, 0.999])
     assert s.BASE_LR == (1e-5 if (backbone, variant) == ("b", "pwe") else 2e-5)
     assert (s.LR_SCHEDULER_NAME, s.POLY_LR_POWER, s.WARMUP_ITERS, s.WARMUP_METHOD) == ("WarmupPolyLR", 1.0, 1500, "linear")
-    assert s.HEAD_LR_MULTIPLIER == HEAD_LR.get((backbone, variant), 8.0)
+    # the authors' paramwise_cfg.custom_keys: {key: (lr_mult, decay_mult)}
+    assert s.PARAM_GROUPS == "mmcv_custom_keys"
+    assert {k: (v.get("LR_MULT", 1.0), v.get("DECAY_MULT", 1.0)) for k, v in s.CUSTOM_KEYS.items()} == {
+        "pos_embed": (1.0, 0.0), "cls_token": (1.0, 0.0), "norm": (1.0, 0.0),
+        "decode_head": (HEAD_LR.get((backbone, variant), 8.0), 1.0)}
+    assert cfg.TEST.LOGITS_RESIZE == "mmseg"  # evaluated as mmseg's encode_decode
 
 
 # ----------------------------------------------------------------------------- parameters

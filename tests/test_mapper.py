@@ -58,11 +58,12 @@ def test_image_and_label_stay_aligned_through_resize_crop_flip_pad(colour_coded_
     for _ in range(30):
         out = mapper(colour_coded_record)
         image, label = out["image"], out["sem_seg"].numpy()
-        assert image.shape == (3, 48, 48) and label.shape == (48, 48)
+        h, w = image.shape[1:]  # the image is not padded (the model pads it after normalising)
+        assert h <= 48 and w <= 48 and label.shape == (48, 48)
         pad = label == 255  # the source label has no 255: every 255 is padding
-        assert (image.permute(1, 2, 0).numpy()[pad] == 0).all()
+        assert pad[h:].all() and pad[:, w:].all() and not pad[:h, :w].any()
         valid = ~pad
-        agreement = (_class_of_colour(image)[valid] == label[valid]).mean()
+        agreement = (_class_of_colour(image)[valid[:h, :w]] == label[valid]).mean()
         assert agreement > 0.85, agreement  # bilinear image vs nearest label differ only at block edges
         sizes.add(valid.sum())
         padded += pad.any()

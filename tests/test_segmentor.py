@@ -112,7 +112,8 @@ def test_overlapping_windows_are_averaged():
     so the slide result must reproduce the whole-image result exactly wherever windows overlap."""
     model = build().eval()
     weight = torch.randn(K, 3, 1, 1)
-    model._whole_inference = lambda x: F.conv2d(x, weight)
+    model.decode = lambda x: F.conv2d(x, weight)  # full-resolution logits ...
+    model._resize_logits = lambda logits, size: logits  # ... that need no resizing
     images = torch.rand(1, 3, 150, 100) * 255
     assert len(model.slide_windows(150, 100)) == 8  # 4 rows x 2 columns, overlapping
     with torch.no_grad():
@@ -120,8 +121,9 @@ def test_overlapping_windows_are_averaged():
 
 
 def test_slide_averages_the_real_model_windows():
-    """Two overlapping windows of the real model: each pixel gets the mean of the windows covering it."""
-    model = build().eval()
+    """Two overlapping windows of the real model: each pixel gets the mean of the windows covering it
+    (one window per forward, as the expected values are computed; batching: tests/test_batched_inference.py)."""
+    model = build(**{"TEST.SLIDE_BATCH": 1}).eval()
     images = torch.rand(1, 3, 64, 100) * 255
     assert model.slide_windows(64, 100) == [(0, 64, 0, 64), (0, 64, 36, 100)]
     with torch.no_grad():

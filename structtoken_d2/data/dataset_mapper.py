@@ -2,8 +2,10 @@
 
 Training: keep-ratio random resize (``INPUT.RESIZE_SCALE`` x ``INPUT.RESIZE_RATIO_RANGE``) ->
 random crop ``INPUT.CROP.SIZE`` retried while one category covers more than
-``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` -> horizontal flip (p=0.5) -> photometric distortion ->
-pad to the crop size (image 0, label 255). Test: keep-ratio resize to ``TEST.SCALE`` (skipped for
+``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` -> flip (p=0.5, ``INPUT.RANDOM_FLIP``) -> photometric distortion ->
+label padded to the crop size with 255. The image is not padded here: the segmentor normalises it
+and then pads it with 0 to its label's size (mmseg's Normalize -> Pad order), so padding is the
+mean colour rather than black. Test: keep-ratio resize to ``TEST.SCALE`` (skipped for
 multi-scale test-time augmentation, which resizes the original image itself).
 """
 import copy
@@ -17,7 +19,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from .datasets.registration import IGNORE_LABEL
-from .labels import read_sem_seg_label
+from .labels import DataFileError, read_image_file, read_sem_seg_label
 from .transforms import PhotometricDistortion, ResizeToScale
 
 DATASET_MAPPER_REGISTRY = Registry("DATASET_MAPPER")
@@ -26,8 +28,9 @@ used in ``cfg.INPUT.DATASET_MAPPER_NAME``."""
 
 
 class SemanticSegmentationMapper:
-    """Maps a dataset record to the model input: ``image`` [3, H, W] uint8 in ``INPUT.FORMAT``,
-    ``sem_seg`` [H, W] int64 (training only) and the original ``height`` / ``width``."""
+    """Maps a dataset record to the model input: ``image`` [3, h, w] uint8 in ``INPUT.FORMAT``,
+    ``sem_seg`` [H, W] int64 (training only; H >= h, W >= w when padded to the crop size) and the
+    original ``height`` / ``width``."""
 
     @configurable
     def __init__(
@@ -37,19 +40,23 @@ class SemanticSegmentationMapper:
         augmentations: List[T.Augmentation],
         image_format: str,
         pad_size: Optional[List[int]] = None,
+        num_classes: Optional[int] = None,
     ):
         """
         Args:
             is_train: whether to read and transform the label map.
             augmentations: applied to the image and (in training) the label map together.
             image_format: format of the image read (Detectron2 ``INPUT.FORMAT``).
-            pad_size: [h, w] the transformed image and label are padded to (bottom/right) with 0
-                and 255; None: no padding.
+            pad_size: [h, w] the transformed label is padded to (bottom/right) with 255 (the
+                image is padded by the model, after normalisation); None: no padding.
+            num_classes: K; label maps holding values outside 0..K-1 and 255 (ignore) are refused
+                with an error naming the file (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``; None: unchecked).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.pad_size = pad_size
+        self.num_classes = num_classes
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, resize_to_test_scale: bool = True) -> Dict:
@@ -68,21 +75,24 @@ class SemanticSegmentationMapper:
                     )
                 )
                 pad_size = list(cfg.INPUT.CROP.SIZE)
-            augs.append(T.RandomFlip(0.5, horizontal=True, vertical=False))
+            if cfg.INPUT.RANDOM_FLIP != "none":  # Detectron2's key: "horizontal" (mmseg's), "vertical", "none"
+                flip = cfg.INPUT.RANDOM_FLIP
+                augs.append(T.RandomFlip(0.5, horizontal=flip == "horizontal", vertical=flip == "vertical"))
             if cfg.INPUT.PHOTOMETRIC_DISTORTION:
                 augs.append(PhotometricDistortion(image_format=cfg.INPUT.FORMAT))
         else:
             augs = [ResizeToScale(cfg.TEST.SCALE)] if resize_to_test_scale else []
             pad_size = None
-        return dict(is_train=is_train, augmentations=augs, image_format=cfg.INPUT.FORMAT, pad_size=pad_size)
+        return dict(is_train=is_train, augmentations=augs, image_format=cfg.INPUT.FORMAT, pad_size=pad_size,
+                    num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = detection_utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image_file(dataset_dict["file_name"], format=self.image_format)
         detection_utils.check_image_size(dataset_dict, image)
-        label = read_sem_seg_label(dataset_dict) if self.is_train else None
+        label = read_sem_seg_label(dataset_dict, self.num_classes) if self.is_train else None
         if label is not None and label.shape != image.shape[:2]:
-            raise ValueError(
+            raise DataFileError(
                 f"Label {dataset_dict['sem_seg_file_name']} is {label.shape}, image "
                 f"{dataset_dict['file_name']} is {image.shape[:2]}: they must have the same size"
             )
@@ -91,12 +101,10 @@ class SemanticSegmentationMapper:
         image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         if label is not None:
             label = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
-        if self.pad_size is not None:
-            pad_h, pad_w = self.pad_size[0] - image.shape[1], self.pad_size[1] - image.shape[2]
+        if self.pad_size is not None and label is not None:
+            pad_h, pad_w = self.pad_size[0] - label.shape[0], self.pad_size[1] - label.shape[1]
             if pad_h > 0 or pad_w > 0:
-                padding = [0, max(pad_w, 0), 0, max(pad_h, 0)]
-                image = torch.nn.functional.pad(image, padding, value=0)
-                label = torch.nn.functional.pad(label, padding, value=IGNORE_LABEL)
+                label = torch.nn.functional.pad(label, [0, max(pad_w, 0), 0, max(pad_h, 0)], value=IGNORE_LABEL)
         dataset_dict["image"] = image
         if label is not None:
             dataset_dict["sem_seg"] = label

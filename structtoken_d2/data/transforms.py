@@ -1,11 +1,11 @@
-"""The two augmentations of the authors' mmseg pipeline that Detectron2 lacks: keep-ratio
-resizing relative to an "img_scale" with a random ratio, and PhotoMetricDistortion."""
+"""The augmentations of the authors' mmseg pipeline that Detectron2 lacks: keep-ratio resizing
+relative to an "img_scale" with a random ratio, done with OpenCV as mmcv does, and
+PhotoMetricDistortion."""
 from typing import Sequence, Tuple
 
 import cv2
 import numpy as np
 from detectron2.data.transforms import Augmentation, NoOpTransform, ResizeTransform, Transform
-from PIL import Image
 
 
 def keep_ratio_size(height: int, width: int, scale: Sequence[int], ratio: float) -> Tuple[int, int]:
@@ -16,10 +16,41 @@ def keep_ratio_size(height: int, width: int, scale: Sequence[int], ratio: float)
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+class OpenCVResizeTransform(ResizeTransform):
+    """Detectron2's ``ResizeTransform`` with images resized as mmcv's ``imrescale`` does (what
+    mmseg's ``Resize`` calls in training and at test time): ``cv2.resize`` ``INTER_LINEAR``
+    (bilinear, half-pixel centres, no antialiasing: shrinking samples the image rather than
+    averaging it, unlike PIL's bilinear). ``[H, W]`` or ``[H, W, C]`` arrays of a dtype OpenCV
+    resizes (uint8, uint16, int16, float32, float64).
+
+    Label maps: nearest neighbour on half-pixel centres (``INTER_NEAREST_EXACT``, the same pixels
+    as PIL's / Detectron2's nearest). mmcv uses ``INTER_NEAREST``, which samples ``floor(i * s)``
+    instead of ``floor((i + 0.5) * s)`` and so shifts labels against the bilinear image by up to
+    half a source pixel; that misalignment is not reproduced."""
+
+    def __init__(self, h: int, w: int, new_h: int, new_w: int, interp: int = cv2.INTER_LINEAR):
+        """``interp``: the OpenCV interpolation flag used for images."""
+        super().__init__(h, w, new_h, new_w, interp)
+
+    def apply_image(self, img: np.ndarray, interp=None) -> np.ndarray:
+        if img.shape[:2] != (self.h, self.w):
+            raise ValueError(f"OpenCVResizeTransform built for {(self.h, self.w)}, got an array of {img.shape[:2]}")
+        flag = self.interp if interp is None else interp
+        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=flag)
+        return out[..., None] if img.ndim == 3 and out.ndim == 2 else out  # cv2 drops a single channel
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return self.apply_image(segmentation, interp=cv2.INTER_NEAREST_EXACT)
+
+    def inverse(self) -> Transform:
+        return OpenCVResizeTransform(self.new_h, self.new_w, self.h, self.w, self.interp)
+
+
 class ResizeToScale(Augmentation):
     """Keep-ratio resize to ``scale`` times a ratio drawn uniformly from ``ratio_range``
-    (mmseg ``Resize(img_scale=scale, ratio_range=ratio_range, keep_ratio=True)``). Images are
-    resized bilinearly, label maps with nearest neighbour."""
+    (mmseg ``Resize(img_scale=scale, ratio_range=ratio_range, keep_ratio=True)``), with
+    :class:`OpenCVResizeTransform`: images bilinear as ``cv2.resize`` (no antialiasing), label
+    maps nearest neighbour."""
 
     def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0)):
         super().__init__()
@@ -33,7 +64,7 @@ class ResizeToScale(Augmentation):
         h, w = image.shape[:2]
         ratio = np.random.uniform(*self.ratio_range)
         new_h, new_w = keep_ratio_size(h, w, self.scale, ratio)
-        return ResizeTransform(h, w, new_h, new_w, Image.BILINEAR)
+        return OpenCVResizeTransform(h, w, new_h, new_w)
 
 
 class PhotometricDistortionTransform(Transform):

@@ -2,8 +2,9 @@
 ratio r, the ORIGINAL image is resized keep-ratio to ``TEST.SCALE * r`` and run through the model
 (its ``TEST.MODE`` whole/slide inference), unflipped and horizontally flipped; each run's logits
 are resized to the original size, turned into probabilities (softmax) and flipped back, and
-the probabilities of all runs are averaged."""
-from typing import Dict, List, Optional, Sequence
+the probabilities of all runs are averaged. The views of equal size (an image and its flip, and
+ratios that give the same size) go to the model in one call, which batches them (``TEST.SLIDE_BATCH``)."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,15 +50,20 @@ class SemanticSegmentorWithTTA(nn.Module):
         image = inp["image"]  # [3, h, w] uint8, original size
         height, width = inp.get("height", image.shape[1]), inp.get("width", image.shape[2])
         image_hwc = image.permute(1, 2, 0).cpu().numpy()
-        total, runs = None, 0
+        views_by_size: Dict[Tuple[int, int], List[Tuple[torch.Tensor, bool]]] = {}  # (view, flipped)
         for ratio in self.ratios:
             resize = ResizeToScale(self.scale, (ratio, ratio)).get_transform(image_hwc)
             resized = torch.as_tensor(np.ascontiguousarray(resize.apply_image(image_hwc).transpose(2, 0, 1)))
-            views = [resized] + ([resized.flip(-1)] if self.flip else [])
-            outputs = self.model([{"image": v, "height": height, "width": width} for v in views])
-            for view_index, out in enumerate(outputs):
-                probs = F.softmax(out["sem_seg"].float(), dim=0)
-                if view_index == 1:
+            views = views_by_size.setdefault(tuple(resized.shape[-2:]), [])
+            views += [(resized, False)] + ([(resized.flip(-1), True)] if self.flip else [])
+        total, runs = None, 0
+        for views in views_by_size.values():
+            outputs = self.model([{"image": view, "height": height, "width": width} for view, _ in views])
+            for (_, flipped), out in zip(views, outputs):
+                # softmax over K as the last dim: the segmentor's logits are channels-last, so this reads
+                # them in memory order (a softmax over dim 0 would first copy them channels-first)
+                probs = F.softmax(out["sem_seg"].float().movedim(0, -1), dim=-1).movedim(-1, 0)
+                if flipped:
                     probs = probs.flip(-1)
                 total = probs if total is None else total + probs
                 runs += 1

@@ -7,7 +7,8 @@ position embeddings resized bicubically (``align_corners=False``, no antialiasin
 loading a checkpoint of another grid and, at run time, to the input's grid; inputs whose sides
 are not multiples of 16 are zero-padded at the bottom / right (mmseg's "corner" padding).
 
-Weights come only from a local file (``MODEL.VIT.WEIGHTS``); nothing is downloaded, ever.
+Weights come only from a local file (``MODEL.VIT.WEIGHTS``: timm, mmseg or augreg layout);
+nothing is downloaded, ever.
 """
 import logging
 import math
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from ..mmseg_names import is_mmseg_vit_layout, vit_name_to_ours
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Tuple[int, int], dst_gri
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     c = grid.shape[-1]
     grid = grid.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False)
+    compute_dtype = torch.float64 if grid.dtype == torch.float64 else torch.float32  # no half-precision bicubic on CPU
+    grid = F.interpolate(grid.to(compute_dtype), size=tuple(dst_grid), mode="bicubic", align_corners=False)
     grid = grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)
     return torch.cat((prefix, grid), dim=1)
 
@@ -175,6 +179,16 @@ def _read_torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _from_mmseg_layout(state: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """An mmseg ``VisionTransformer`` state dict (as mmseg's ``vit2mmseg`` writes it) -> timm names."""
+    renamed = {k: vit_name_to_ours(k) for k in state}
+    unknown = sorted(k for k, new in renamed.items() if new is None)
+    if unknown:
+        raise ValueError(f"{path}: mmseg ViT layout with keys no rule covers: {unknown}")
+    logger.info(f"{path}: mmseg VisionTransformer layout, {len(state)} keys renamed to timm's")
+    return {renamed[k]: v for k, v in state.items()}
+
+
 def _read_npz_state_dict(backbone: TimmViT, path: str) -> Dict[str, torch.Tensor]:
     """Load a big_vision / augreg ``.npz`` with timm's own loader into a throw-away model of the
     same architecture at the checkpoint's grid, and return its state dict (so the position
@@ -197,14 +211,23 @@ def load_vit_weights(backbone: TimmViT, path: str) -> None:
 
     Accepted: a timm ViT state dict saved as ``.pth`` / ``.pt`` / ``.bin`` (``torch.save``; may be
     wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` or prefixed ``module.``) or
-    ``.safetensors``, or a big_vision / augreg ``.npz`` (read by timm's loader). Position
+    ``.safetensors``; the same in mmseg's ``VisionTransformer`` names (``patch_embed.projection``,
+    ``layers.N``, as mmseg's ``vit2mmseg`` writes the ``vit_*_p16_384.pth`` the authors' configs
+    load; detected from the keys, renamed by :mod:`..mmseg_names`); or a big_vision / augreg
+    ``.npz`` (read by timm's loader). Position
     embeddings of another grid are resized (:func:`resize_pos_embed`). The classifier and, with
     ``final_norm=False``, the final norm are ignored; any other missing or unexpected key raises.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.VIT.WEIGHTS: no such file: {path!r} (weights are never downloaded; "
-                                f"give a local timm .pth/.safetensors or augreg .npz, or '' for random init)")
+        raise FileNotFoundError(f"MODEL.VIT.WEIGHTS: no such file: {path!r} (weights are never downloaded; give a "
+                                f"local timm or mmseg .pth/.safetensors or augreg .npz, or '' for random init)")
     state = _read_npz_state_dict(backbone, path) if path.endswith(".npz") else _read_torch_state_dict(path)
+    if any(k.startswith(("decode_head.", "sem_seg_head.")) for k in state):
+        raise ValueError(f"MODEL.VIT.WEIGHTS {path} is a whole segmentation model, not ViT weights: load it with "
+                         f"MODEL.WEIGHTS (an mmseg checkpoint of the authors: convert it first with "
+                         f"tools/convert_mmseg_checkpoint.py)")
+    if is_mmseg_vit_layout(state):
+        state = _from_mmseg_layout(state, path)
     unused = [k for k in state if k.startswith(_UNUSED_PREFIXES) or (not backbone.final_norm and k.startswith("norm."))]
     state = {k: v for k, v in state.items() if k not in unused}
     if "pos_embed" in state and state["pos_embed"].shape != backbone.vit.pos_embed.shape:

@@ -19,6 +19,35 @@ logger = logging.getLogger(__name__)
 TEST_MODES = ("whole", "slide")
 
 
+def _resize_logits_aligned(logits: torch.Tensor, size: Tuple[int, int], stride: int) -> torch.Tensor:
+    """``TEST.LOGITS_RESIZE "aligned"``: upsample the stride-``stride`` logits ``[B, K, h, w]`` to the
+    padded size ``(h * stride, w * stride)``, then crop to ``size``: each logit stays centred on the
+    patch it was computed from."""
+    padded = (logits.shape[-2] * stride, logits.shape[-1] * stride)
+    logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+    return logits[..., : size[0], : size[1]]
+
+
+def _resize_logits_mmseg(logits: torch.Tensor, size: Tuple[int, int], stride: int) -> torch.Tensor:
+    """``TEST.LOGITS_RESIZE "mmseg"``: resize the logits ``[B, K, h, w]`` straight to the unpadded
+    ``size``, as mmseg's ``EncoderDecoder.encode_decode`` does."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+#: TEST.LOGITS_RESIZE -> f(head logits [B, K, h, w], window size (H, W), stride) -> [B, K, H, W].
+LOGITS_RESIZE_RULES = {"aligned": _resize_logits_aligned, "mmseg": _resize_logits_mmseg}
+
+
+def pad_to_label(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Zero-pad a *normalised* image ``[C, h, w]`` at the bottom / right to its label's ``[H, W]``
+    (``H >= h``, ``W >= w``): mmseg pads after ``Normalize``, so the padding is the mean colour."""
+    pad_h, pad_w = label.shape[-2] - image.shape[-2], label.shape[-1] - image.shape[-1]
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"label {tuple(label.shape[-2:])} is smaller than its image {tuple(image.shape[-2:])}: "
+                         f"the mapper may pad labels, never crop them")
+    return F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
+
+
 def check_dataset_num_classes(cfg) -> None:
     """Raise :class:`ClassCountMismatchError` when a registered dataset of ``DATASETS.TRAIN`` /
     ``DATASETS.TEST`` has ``stuff_classes`` of another length than ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``
@@ -39,7 +68,8 @@ class StructTokenSegmentor(nn.Module):
     """``MODEL.META_ARCHITECTURE: "StructTokenSegmentor"``.
 
     Training: images normalised with ``MODEL.PIXEL_MEAN / PIXEL_STD`` (channel order
-    ``INPUT.FORMAT``, RGB for the ViT weights), zero-padded to a multiple of 16 with the labels
+    ``INPUT.FORMAT``, RGB for the ViT weights), then zero-padded (0 = the mean colour, as mmseg's
+    Normalize -> Pad) to their label's size (the crop) and to a multiple of 16, the labels
     padded with ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; the head's stride-16 logits are upsampled
     bilinearly (``align_corners=False``) to the padded size; loss = cross-entropy ignoring
     ``IGNORE_VALUE`` times ``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``, averaged over *all* pixels as mmseg
@@ -47,9 +77,14 @@ class StructTokenSegmentor(nn.Module):
     There is no auxiliary head (the authors' base config has none).
 
     Inference (``TEST.MODE``): ``whole`` (one pass) or ``slide`` (mmseg's sliding window:
-    ``TEST.SLIDE_CROP_SIZE`` / ``TEST.SLIDE_STRIDE``, overlapping logits averaged); each image is
-    processed at its own size and its logits resized bilinearly to the input dict's
-    ``(height, width)``. Output: ``[{"sem_seg": logits [K, height, width]}]`` (pre-softmax).
+    ``TEST.SLIDE_CROP_SIZE`` / ``TEST.SLIDE_STRIDE``, overlapping logits averaged); each pass's
+    stride-16 logits are resized to its input by the ``TEST.LOGITS_RESIZE`` rule
+    (:data:`LOGITS_RESIZE_RULES`); each image is processed at its own size and its logits resized
+    bilinearly to the input dict's ``(height, width)``. Inputs of equal size are stacked, and the
+    passes (windows, or whole images) go through the network ``TEST.SLIDE_BATCH`` at a time.
+    Output: ``[{"sem_seg": logits [K, height, width]}]`` (pre-softmax).
+
+    ``MODEL.COMPILE``: the backbone and the head are ``torch.compile``-d in place.
     """
 
     @configurable
@@ -66,10 +101,17 @@ class StructTokenSegmentor(nn.Module):
         test_mode: str = "slide",
         slide_crop_size: Sequence[int] = (512, 512),
         slide_stride: Sequence[int] = (341, 341),
+        logits_resize: str = "aligned",
+        slide_batch: int = 1,
+        compile_model: bool = False,
     ):
         super().__init__()
         if test_mode not in TEST_MODES:
             raise ValueError(f"TEST.MODE={test_mode!r}; valid: {', '.join(TEST_MODES)}")
+        if logits_resize not in LOGITS_RESIZE_RULES:
+            raise ValueError(f"TEST.LOGITS_RESIZE={logits_resize!r}; valid: {', '.join(LOGITS_RESIZE_RULES)}")
+        if slide_batch < 1:
+            raise ValueError(f"TEST.SLIDE_BATCH={slide_batch}: must be >= 1 (1 = one window per forward pass)")
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -80,6 +122,11 @@ class StructTokenSegmentor(nn.Module):
         self.test_mode = test_mode
         self.slide_crop_size = tuple(int(s) for s in slide_crop_size)
         self.slide_stride = tuple(int(s) for s in slide_stride)
+        self.logits_resize = logits_resize
+        self.slide_batch = slide_batch
+        if compile_model:  # in place: parameter names, and so checkpoints, stay those of the eager model
+            self.backbone.compile()
+            self.sem_seg_head.compile()
 
     @classmethod
     def from_config(cls, cfg):
@@ -99,6 +146,9 @@ class StructTokenSegmentor(nn.Module):
             "test_mode": cfg.TEST.MODE,
             "slide_crop_size": cfg.TEST.SLIDE_CROP_SIZE,
             "slide_stride": cfg.TEST.SLIDE_STRIDE,
+            "logits_resize": cfg.TEST.LOGITS_RESIZE,
+            "slide_batch": cfg.TEST.SLIDE_BATCH,
+            "compile_model": cfg.MODEL.COMPILE,
         }
 
     @property
@@ -117,20 +167,25 @@ class StructTokenSegmentor(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         """
         Args:
-            batched_inputs: dicts with "image" ``[3, H, W]`` (unnormalised, ``INPUT.FORMAT``), and
-                for training "sem_seg" ``[H, W]`` (long, ``IGNORE_VALUE`` = ignore); at inference
-                optionally "height", "width" (output size, default the image's).
+            batched_inputs: dicts with "image" ``[3, h, w]`` (unnormalised, ``INPUT.FORMAT``), and
+                for training "sem_seg" ``[H, W]`` (long, ``IGNORE_VALUE`` = ignore; ``H >= h``,
+                ``W >= w``: a label padded to the crop size, the image padded here after
+                normalisation); at inference optionally "height", "width" (output size, default
+                the image's).
 
         Returns:
             training: ``{"loss_sem_seg": loss}``; inference: ``[{"sem_seg": logits [K, h, w]}]``.
         """
         if not self.training:
-            return [self._inference_one(x) for x in batched_inputs]
+            return self.inference(batched_inputs)
         if any("sem_seg" not in x for x in batched_inputs):
             raise ValueError("StructTokenSegmentor in training mode needs 'sem_seg' in every input dict")
-        images = [self.normalize(x["image"].to(self.device)) for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
         targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
+        images = [
+            pad_to_label(self.normalize(x["image"].to(self.device)), target)
+            for x, target in zip(batched_inputs, targets)
+        ]
+        images = ImageList.from_tensors(images, self.size_divisibility)  # 0 = the mean colour
         targets = ImageList.from_tensors(targets, self.size_divisibility, self.ignore_value).tensor
         logits = self.decode(images.tensor)
         return {"loss_sem_seg": self.losses(logits, targets)}
@@ -153,13 +208,25 @@ class StructTokenSegmentor(nn.Module):
         return loss * self.loss_weight
 
     # ---------------------------------------------------------------- inference
-    def _inference_one(self, inputs: Dict) -> Dict[str, torch.Tensor]:
-        image = inputs["image"].to(self.device)
-        logits = self.inference_logits(image[None])[0]
-        size = (inputs.get("height", image.shape[-2]), inputs.get("width", image.shape[-1]))
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-        return {"sem_seg": logits}
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+        """The eval ``forward``: inputs whose images have the same size (an image and its flip, say)
+        are stacked and run together through :meth:`inference_logits`; each one's logits are then
+        resized to its ``(height, width)``."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for index, inputs in enumerate(batched_inputs):
+            groups.setdefault(tuple(inputs["image"].shape), []).append(index)
+        results: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
+        for indices in groups.values():
+            images = torch.stack([batched_inputs[i]["image"] for i in indices])
+            group_logits = self.inference_logits(images)
+            for j, i in enumerate(indices):
+                logits = group_logits[j : j + 1]  # not [j][None]: that loses the channels-last strides
+                inputs = batched_inputs[i]
+                size = (inputs.get("height", logits.shape[-2]), inputs.get("width", logits.shape[-1]))
+                if tuple(logits.shape[-2:]) != tuple(size):
+                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                results[i]["sem_seg"] = logits[0]
+        return results
 
     def inference_logits(self, images: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
         """Logits of a batch of images at their own size: the entry point for test-time augmentation.
@@ -175,22 +242,28 @@ class StructTokenSegmentor(nn.Module):
             over augmentations). Normalisation, padding, sliding windows and the upsampling to
             ``(H, W)`` all happen here; resizing to the original image size is the caller's.
             No gradient is disabled here: wrap in ``torch.no_grad()`` for inference.
+
+        The images (whole mode) or all their windows (slide mode) go through the network
+        ``TEST.SLIDE_BATCH`` at a time: the result is that of one at a time, to float rounding.
         """
         mode = mode or self.test_mode
         if mode not in TEST_MODES:
             raise ValueError(f"inference mode {mode!r}; valid: {', '.join(TEST_MODES)}")
         x = self.normalize(images.to(self.device))
-        return self._whole_inference(x) if mode == "whole" else self._slide_inference(x)
+        if mode == "slide":
+            return self._slide_inference(x)
+        return torch.cat([self._whole_inference(chunk) for chunk in x.split(self.slide_batch)])
 
     def _whole_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]``: zero-pad to a multiple of 16,
-        decode, upsample to the padded size, crop the padding off."""
-        h, w = x.shape[-2:]
-        d = self.size_divisibility
-        padded = F.pad(x, (0, -w % d, 0, -h % d))
-        logits = self.decode(padded)
-        logits = F.interpolate(logits.float(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :h, :w]
+        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]``: decode (the backbone zero-pads
+        to a multiple of 16, mmseg's "corner" padding), then resize the stride-16 logits to
+        ``(H, W)`` by the ``TEST.LOGITS_RESIZE`` rule."""
+        return self._resize_logits(self.decode(x), x.shape[-2:])
+
+    def _resize_logits(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The head's stride-16 logits ``[B, K, h, w]`` of inputs of ``size = (H, W)`` ``->``
+        ``[B, K, H, W]``, by the ``TEST.LOGITS_RESIZE`` rule."""
+        return LOGITS_RESIZE_RULES[self.logits_resize](logits, tuple(size), self.size_divisibility)
 
     def slide_windows(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
         """mmseg's sliding-window grid: ``(y1, y2, x1, x2)`` of each crop, windows clipped to the
@@ -206,11 +279,23 @@ class StructTokenSegmentor(nn.Module):
         return windows
 
     def _slide_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]`` averaged over the windows."""
+        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]`` averaged over the windows. The
+        windows of all B images (all of one size: the crop, clipped to the image) are stacked and
+        go through the network ``slide_batch`` at a time; their logits are resized and summed one
+        window at a time (a batch of full-size K-channel logits would take ``slide_batch`` times the
+        memory, and on a CPU more time). The sum is kept channels-last, the head's layout: adding
+        channels-last windows into a channels-first sum reads them across the grain (8x slower on a
+        CPU at K=150)."""
         b, _, h, w = x.shape
-        logits = x.new_zeros((b, self.num_classes, h, w))
+        logits = x.new_zeros((b, h, w, self.num_classes)).permute(0, 3, 1, 2)
         count = x.new_zeros((1, 1, h, w))
-        for y1, y2, x1, x2 in self.slide_windows(h, w):
-            logits[..., y1:y2, x1:x2] += self._whole_inference(x[..., y1:y2, x1:x2])
+        windows = self.slide_windows(h, w)
+        for y1, y2, x1, x2 in windows:
             count[..., y1:y2, x1:x2] += 1
-        return logits / count
+        crops = [(n, window) for window in windows for n in range(b)]
+        for start in range(0, len(crops), self.slide_batch):
+            batch = crops[start:start + self.slide_batch]
+            head_logits = self.decode(torch.stack([x[n, :, y1:y2, x1:x2] for n, (y1, y2, x1, x2) in batch]))
+            for (n, (y1, y2, x1, x2)), window_logits in zip(batch, head_logits.split(1)):
+                logits[n : n + 1, :, y1:y2, x1:x2] += self._resize_logits(window_logits, (y2 - y1, x2 - x1))
+        return logits.div_(count)  # in place: a second full-size tensor costs time on a CPU

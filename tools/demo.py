@@ -7,7 +7,9 @@
     # any images, saved as image | prediction:
     python tools/demo.py --config-file CFG --input a.jpg b.jpg --output output/demo MODEL.WEIGHTS model.pth
 
-``--tta`` predicts with multi-scale + flip test-time augmentation (TEST.AUG.*).
+Each panel is saved as ``<output>/<image name>_pred.png``; a name already taken (an input, an
+earlier output, another input of the same name) gets ``_1``, ``_2``, ...: no file is ever
+overwritten. ``--tta`` predicts with multi-scale + flip test-time augmentation (TEST.AUG.*).
 """
 import argparse
 import os
@@ -19,12 +21,16 @@ import torch
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
 from structtoken_d2 import add_structtoken_config
-from structtoken_d2.data import build_dataset_mapper, read_sem_seg_label
+from structtoken_d2.data import build_dataset_mapper, read_image_file, read_sem_seg_label
 from structtoken_d2.engine import Trainer
+from structtoken_d2.engine.dataset_checks import check_datasets
+from structtoken_d2.engine.user_errors import exit_on_user_error
 from structtoken_d2.evaluation import prediction_panel
 from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
 from structtoken_d2.modeling.test_time_augmentation import SemanticSegmentorWithTTA
+from structtoken_d2.output_files import save_new_file
 
 
 def parse_args():
@@ -34,12 +40,18 @@ def parse_args():
     source.add_argument("--input", nargs="+", help="image files")
     source.add_argument("--dataset", help="a registered dataset, e.g. shapes_sem_seg_val")
     parser.add_argument("--num", type=int, default=8, help="images of --dataset to predict (default 8)")
-    parser.add_argument("--output", required=True, help="directory for the <image name>.png panels")
+    parser.add_argument("--output", required=True, help="directory for the <image name>_pred.png panels")
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     return parser.parse_args()
 
 
+def write_png(path: str, image_bgr) -> None:
+    if not cv2.imwrite(path, image_bgr):
+        raise OSError(f"{path}: cv2.imwrite failed")
+
+
+@exit_on_user_error
 def main():
     args = parse_args()
     cfg = get_cfg()
@@ -49,30 +61,37 @@ def main():
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    for name in ("detectron2", "structtoken_d2"):
+        setup_logger(name=name)
     if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
         sys.exit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is not a file: pass MODEL.WEIGHTS path/to/model_final.pth")
+    if args.dataset:
+        check_datasets(cfg, [args.dataset])  # registered, on disk, K classes: before building the model
+        records = DatasetCatalog.get(args.dataset)[: args.num]
+        meta = MetadataCatalog.get(args.dataset)
+    else:
+        check_datasets(cfg, [])  # registers DATASETS.FOLDER datasets, whose classes name the colours
+        records = [{"file_name": path} for path in args.input]
+        if not cfg.DATASETS.TEST:
+            sys.exit("DATASETS.TEST is empty: name the dataset whose classes and colours to use")
+        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
 
     model = Trainer.build_model(cfg)
     StructTokenCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     predictor = SemanticSegmentorWithTTA(cfg, model) if args.tta else model
     mapper = build_dataset_mapper(cfg, is_train=False, resize_to_test_scale=not args.tta)
-    if args.dataset:
-        records = DatasetCatalog.get(args.dataset)[: args.num]
-        colors = MetadataCatalog.get(args.dataset).stuff_colors
-    else:
-        records = [{"file_name": path} for path in args.input]
-        colors = MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_colors
-
-    os.makedirs(args.output, exist_ok=True)
+    num_classes = len(meta.stuff_classes)
     for record in records:
         inp = mapper(record)
         with torch.no_grad():
             pred = predictor([inp])[0]["sem_seg"].argmax(0).cpu().numpy()
-        image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)[:, :, ::-1]
-        gt = read_sem_seg_label(record) if "sem_seg_file_name" in record else None
-        name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
-        cv2.imwrite(os.path.join(args.output, name), prediction_panel(image, pred, colors, gt)[:, :, ::-1])
+        image = read_image_file(record["file_name"], format="RGB")
+        gt = read_sem_seg_label(record, num_classes) if "sem_seg_file_name" in record else None
+        panel = prediction_panel(image, pred, meta.stuff_colors, gt, meta.stuff_classes)[:, :, ::-1]
+        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = save_new_file(os.path.join(args.output, f"{stem}_pred.png"), lambda tmp: write_png(tmp, panel))
+        print(f"{record['file_name']} -> {path}")
     print(f"Saved {len(records)} prediction panels to {args.output}")
 
 

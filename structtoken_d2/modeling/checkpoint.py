@@ -1,19 +1,34 @@
-"""Class-count checks for checkpoints, and a Detectron2 checkpointer that applies them.
+"""Class-count checks for checkpoints, and a Detectron2 checkpointer that applies them, saves
+atomically and resumes from the newest checkpoint that loads.
 
 Detectron2's (fvcore's) checkpointer drops parameters whose shapes differ from the model's with
 only a warning, so a checkpoint trained for another dataset would load "successfully" with
 randomly initialised structure tokens and final block. :class:`StructTokenCheckpointer` raises
-instead; ``model.load_state_dict`` raises the same error through the head.
+instead (``model.load_state_dict`` raises the same error through the head), unless it is asked to
+fine-tune to another class count (``MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS``).
 """
-from typing import Sequence
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..output_files import replace_file
+
 TOKENS_KEY = "sem_seg_head.tokens"
+HEAD_PREFIX = "sem_seg_head."
+LAST_CHECKPOINT_TAG = "last_checkpoint"
+
+logger = logging.getLogger(__name__)
 
 
 class ClassCountMismatchError(ValueError):
     """A checkpoint or dataset has a different number of classes from MODEL.SEM_SEG_HEAD.NUM_CLASSES."""
+
+
+class NoLoadableCheckpointError(FileNotFoundError):
+    """``--resume`` found a ``last_checkpoint`` tag but no checkpoint in the directory loads."""
 
 
 def check_num_classes(tokens_shape: Sequence[int], num_classes: int, key: str = TOKENS_KEY) -> None:
@@ -22,9 +37,15 @@ def check_num_classes(tokens_shape: Sequence[int], num_classes: int, key: str = 
         found = tokens_shape[1] if len(tokens_shape) == 4 else "?"
         raise ClassCountMismatchError(
             f"checkpoint has {found} classes ({key} of shape {list(tokens_shape)}) but the model is built "
-            f"for {num_classes} (MODEL.SEM_SEG_HEAD.NUM_CLASSES): use a checkpoint of this dataset, or set "
-            f"NUM_CLASSES to match"
+            f"for {num_classes} (MODEL.SEM_SEG_HEAD.NUM_CLASSES): use a checkpoint of this dataset, set "
+            f"NUM_CLASSES to match, or fine-tune with MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS True"
         )
+
+
+def _short_reason(error: Exception) -> str:
+    """``"<ErrorType>: <first sentence of the message>"``, at most ~100 characters."""
+    text = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:100]}"
 
 
 def _unwrap(model):
@@ -32,13 +53,122 @@ def _unwrap(model):
 
 
 class StructTokenCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that refuses a checkpoint whose class count differs from the model's."""
+    """``DetectionCheckpointer`` that
 
+    - refuses a checkpoint whose class count differs from the model's, or, with
+      ``reinit_class_dependent``, leaves every head tensor whose shape differs because of it at
+      its fresh initialisation, with a warning listing them;
+    - writes checkpoints and the ``last_checkpoint`` tag atomically (temporary file + rename);
+    - on resume, when ``last_checkpoint`` names a missing or unreadable (truncated) file, falls
+      back to the newest ``*.pth`` of ``save_dir`` that loads, and says which.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, reinit_class_dependent: bool = False, **kwargs):
+        """``reinit_class_dependent``: see ``MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS``;
+        other arguments as ``DetectionCheckpointer``."""
+        super().__init__(model, save_dir, **kwargs)
+        self.reinit_class_dependent = reinit_class_dependent
+        self._preloaded: Optional[Tuple[str, Dict]] = None
+
+    # ------------------------------------------------------------------ saving
+    def save(self, name: str, **kwargs: Any) -> None:
+        """As fvcore's ``Checkpointer.save`` (model, checkpointables and ``kwargs`` to
+        ``save_dir/name.pth``, then the ``last_checkpoint`` tag), each file written atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        replace_file(save_file, lambda tmp: torch.save(data, tmp))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(last_filename_basename)
+
+        replace_file(os.path.join(self.save_dir, LAST_CHECKPOINT_TAG), write)
+
+    # ---------------------------------------------------------------- resuming
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """As Detectron2's, but a ``last_checkpoint`` naming a missing or truncated file falls back
+        to the newest checkpoint of ``save_dir`` that loads (:class:`NoLoadableCheckpointError`
+        when none does)."""
+        if resume and self.has_checkpoint():
+            return self.load(self._newest_loadable_checkpoint())
+        return self.load(path, checkpointables=[])
+
+    def _newest_loadable_checkpoint(self) -> str:
+        """The file ``last_checkpoint`` names if it loads, else the newest (by modification time)
+        other ``*.pth`` of ``save_dir`` that does; its contents are kept for :meth:`load`."""
+        tagged = self.get_checkpoint_file()
+        others = [p for p in self.get_all_checkpoint_files()  # not the tagged one, nor a temporary .file
+                  if os.path.abspath(p) != os.path.abspath(tagged) and not os.path.basename(p).startswith(".")]
+        others.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
+        failures: List[str] = []  # "<file>: <why it does not load>"
+        for candidate in [tagged] + others:
+            try:
+                data = self._load_file(candidate)
+            except Exception as e:  # missing, truncated or not a checkpoint: try the next one
+                failures.append(f"{os.path.basename(candidate)}: {_short_reason(e)}")
+                continue
+            if candidate != tagged:
+                logger.warning(
+                    "%s names a checkpoint that cannot be loaded (%s): resuming from %s instead, the newest "
+                    "checkpoint in %s that loads", LAST_CHECKPOINT_TAG, "; ".join(failures),
+                    os.path.basename(candidate), self.save_dir,
+                )
+            self._preloaded = (candidate, data)
+            return candidate
+        raise NoLoadableCheckpointError(
+            f"--resume: no checkpoint in {self.save_dir} can be loaded ({'; '.join(failures)}). Delete "
+            f"{os.path.join(self.save_dir, LAST_CHECKPOINT_TAG)} to start afresh from MODEL.WEIGHTS, or set "
+            f"OUTPUT_DIR to another run"
+        )
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if self._preloaded is not None and self._preloaded[0] == filename:
+            data, self._preloaded = self._preloaded[1], None
+            return data
+        return super()._load_file(filename)
+
+    # ----------------------------------------------------------------- loading
     def _load_model(self, checkpoint):
         model = _unwrap(self.model)
         head = getattr(model, "sem_seg_head", None)
         state = checkpoint.get("model", {})
+        reinitialised: List[str] = []
         for key in (TOKENS_KEY, "module." + TOKENS_KEY):
-            if head is not None and key in state:
+            if head is None or key not in state:
+                continue
+            checkpoint_classes = state[key].shape[1] if state[key].ndim == 4 else None
+            if self.reinit_class_dependent and checkpoint_classes != head.num_classes:
+                reinitialised = self._drop_class_dependent(state, prefix=key[: -len(TOKENS_KEY)])
+                logger.warning(
+                    "Fine-tuning from %s to %d classes (MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS): these %d "
+                    "class-dependent tensors of the checkpoint are not loaded and keep their fresh "
+                    "initialisation: %s", checkpoint_classes, head.num_classes, len(reinitialised),
+                    ", ".join(reinitialised),
+                )
+            else:
                 check_num_classes(tuple(state[key].shape), head.num_classes, key)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        for key in reinitialised:
+            if key in incompatible.missing_keys:
+                incompatible.missing_keys.remove(key)
+        return incompatible
+
+    def _drop_class_dependent(self, state: Dict[str, torch.Tensor], prefix: str) -> List[str]:
+        """Remove from ``state`` the head tensors whose shapes differ from the model's; their names
+        (model keys, sorted)."""
+        model_state = _unwrap(self.model).state_dict()
+        dropped = []
+        for key in list(state):
+            name = key[len(prefix):]
+            if name.startswith(HEAD_PREFIX) and name in model_state and tuple(state[key].shape) != tuple(model_state[name].shape):
+                del state[key]
+                dropped.append(name)
+        return sorted(dropped)

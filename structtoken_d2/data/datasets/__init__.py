@@ -2,6 +2,7 @@
 from .ade20k import register_ade20k
 from .cityscapes import register_cityscapes
 from .coco_stuff_10k import register_coco_stuff_10k
+from .folder import register_folder_dataset, register_folder_datasets_from_config
 from .registration import IGNORE_LABEL, DatasetNotFoundError, datasets_root
 from .shapes import register_shapes
 
@@ -10,4 +11,7 @@ register_cityscapes()
 register_coco_stuff_10k()
 register_shapes()
 
-__all__ = ["IGNORE_LABEL", "DatasetNotFoundError", "datasets_root"]
+__all__ = [
+    "IGNORE_LABEL", "DatasetNotFoundError", "datasets_root", "register_folder_dataset",
+    "register_folder_datasets_from_config",
+]

@@ -1,0 +1,35 @@
+"""Errors in the user's input (data files, datasets, class counts, checkpoints) whose message says
+everything: the command-line tools print them as one line and exit, without a traceback."""
+import functools
+import os
+import sys
+
+from ..data import DataFileError
+from ..data.datasets import DatasetNotFoundError
+from ..modeling.checkpoint import ClassCountMismatchError, NoLoadableCheckpointError
+
+USER_ERRORS = (DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError)
+
+
+def user_error_message(error: BaseException) -> str:
+    """The error's message; for one re-raised by a DataLoader worker (whose message is "Caught ..."
+    plus the worker's traceback), the original message, i.e. the traceback's last line."""
+    text = str(error)
+    if text.startswith("Caught ") and "Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def exit_on_user_error(main):
+    """Decorator of a tool's ``main``: a :data:`USER_ERRORS` exception exits with status 1 and
+    ``<tool>: error: <message>`` on stderr instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as e:
+            sys.exit(f"{os.path.basename(sys.argv[0])}: error: {user_error_message(e)}")
+
+    return wrapper

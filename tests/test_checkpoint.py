@@ -1,0 +1,130 @@
+"""StructTokenCheckpointer: atomic saves, --resume falling back past a broken checkpoint, and
+fine-tuning a checkpoint to another class count."""
+import logging
+import os
+
+import pytest
+import torch
+
+import structtoken_d2  # noqa: F401
+from detectron2.modeling import build_model
+from structtoken_d2.data.datasets import shapes
+from structtoken_d2.engine import Trainer
+from structtoken_d2.modeling import ClassCountMismatchError, StructTokenCheckpointer
+from tiny_runs import captured_logs, tiny_cfg
+
+
+@pytest.fixture
+def tiny_shapes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (4, 0), "val": (2, 1)})
+
+
+def _model(num_classes=6, variant="CSE", seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_cfg({"MODEL.SEM_SEG_HEAD.NUM_CLASSES": num_classes, "MODEL.STRUCTTOKEN.VARIANT": variant,
+                    "DATASETS.TRAIN": (), "DATASETS.TEST": ()})
+    return build_model(cfg)
+
+
+def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint_and_tag_intact(tmp_path, monkeypatch):
+    model = _model()
+    checkpointer = StructTokenCheckpointer(model, save_dir=str(tmp_path))
+    checkpointer.save("model_final")
+    before = (tmp_path / "model_final.pth").read_bytes()
+
+    real_save = torch.save
+
+    def save_half_then_die(obj, f, *args, **kwargs):  # as if killed after writing half of the file
+        real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            os.truncate(f, os.path.getsize(f) // 2)
+        else:
+            f.flush()
+            f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        model.sem_seg_head.tokens.add_(1.0)
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_final")
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]  # no leftover
+
+
+def _train_with_a_checkpoint_per_iteration(out, max_iter=3):
+    cfg = tiny_cfg({"SOLVER.MAX_ITER": max_iter, "SOLVER.CHECKPOINT_PERIOD": 1, "OUTPUT_DIR": str(out)})
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    # model_0000000 .. model_0000002 (after iterations 0, 1, 2), then model_final (iteration 2 too):
+    # make the modification times strictly increasing in that order.
+    for age, name in enumerate(["model_final.pth", "model_0000002.pth", "model_0000001.pth", "model_0000000.pth"]):
+        os.utime(out / name, (1e9 - age * 100, 1e9 - age * 100))
+    return cfg
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tiny_shapes, tmp_path):
+    out = tmp_path / "run"
+    cfg = _train_with_a_checkpoint_per_iteration(out)
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    expected = torch.load(out / "model_0000001.pth", weights_only=False)["model"]["sem_seg_head.tokens"]
+    for name in ("model_final.pth", "model_0000002.pth"):  # truncated, as by a full disk
+        path = out / name
+        os.truncate(path, path.stat().st_size // 2)
+
+    resumed = Trainer(cfg)
+    with captured_logs() as records:
+        resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2  # model_0000001.pth finished iteration 1
+    torch.testing.assert_close(resumed.model.state_dict()["sem_seg_head.tokens"], expected)
+    assert any("model_final.pth" in r.getMessage() and "model_0000002.pth" in r.getMessage()
+               and "resuming from model_0000001.pth" in r.getMessage()
+               for r in records if r.levelno == logging.WARNING), "the fallback must say which file it resumes from"
+
+    (out / "model_0000001.pth").unlink()  # last_checkpoint names a missing file
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    again = Trainer(cfg)
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 1  # model_0000000.pth, the only one left that loads
+
+
+def test_resume_fails_with_a_clear_error_when_no_checkpoint_loads(tiny_shapes, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_0000009.pth").write_bytes(b"\x80\x02 not a whole checkpoint")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    trainer = Trainer(tiny_cfg({"OUTPUT_DIR": str(out)}))
+    with pytest.raises(FileNotFoundError) as err:
+        trainer.resume_or_load(resume=True)
+    message = str(err.value)
+    assert str(out) in message and "model_final.pth" in message and "model_0000009.pth" in message
+    assert "last_checkpoint" in message  # what to do
+
+
+@pytest.mark.parametrize("variant", ["CSE", "SSE", "PWE"])
+def test_fine_tuning_to_another_class_count_reinitialises_only_class_dependent_tensors(variant, tmp_path):
+    source = _model(num_classes=6, variant=variant, seed=0)
+    StructTokenCheckpointer(source, save_dir=str(tmp_path)).save("six")
+    target = _model(num_classes=4, variant=variant, seed=1)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    saved = source.state_dict()
+    # Independent of the checkpointer: the tensors whose shapes depend on K are those whose shapes
+    # differ between the 6-class and the 4-class model.
+    class_dependent = sorted(k for k in fresh if fresh[k].shape != saved[k].shape)
+    assert "sem_seg_head.tokens" in class_dependent and any("residual_block" in k for k in class_dependent)
+    assert all(k.startswith("sem_seg_head.") for k in class_dependent)
+
+    with pytest.raises(ClassCountMismatchError):  # the default stays the error
+        StructTokenCheckpointer(target).load(str(tmp_path / "six.pth"))
+    with captured_logs() as records:
+        StructTokenCheckpointer(target, reinit_class_dependent=True).load(str(tmp_path / "six.pth"))
+    loaded = target.state_dict()
+    for key in loaded:
+        expected = fresh[key] if key in class_dependent else saved[key]
+        torch.testing.assert_close(loaded[key], expected, rtol=0, atol=0, msg=key)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "6 to 4 classes" in warnings[0]
+    assert all(k in warnings[0] for k in class_dependent)

@@ -4,20 +4,27 @@
     python tools/train_net.py --config-file configs/synthetic/structtoken_shapes.yaml
     python tools/train_net.py --config-file ... --resume          # continue from the last checkpoint
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth TEST.AUG.ENABLED True
-    python tools/train_net.py --config-file ... --num-gpus 8      # one process per GPU
+    python tools/train_net.py --config-file ... --num-gpus 8      # one process per GPU (NCCL)
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file ...   # processes started by torchrun
 
-Without a GPU, MODEL.DEVICE is set to cpu and a single process is run.
+Without a GPU, MODEL.DEVICE is set to cpu and ``--num-gpus N`` starts N CPU processes (gloo).
+SOLVER.IMS_PER_BATCH is the batch of all processes together; only rank 0 writes files.
+``--dist-timeout`` (minutes, default 30) bounds every wait of one process on another.
 """
 import logging
+import os
 import sys
+from datetime import timedelta
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from structtoken_d2 import add_structtoken_config
-from structtoken_d2.engine import Trainer
+from structtoken_d2.engine import ProcessFailedError, Trainer, add_launch_arguments, launch, setup_process
+from structtoken_d2.engine.dataset_checks import check_datasets, datasets_used
+from structtoken_d2.engine.user_errors import exit_on_user_error
 from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
 
 logger = logging.getLogger("structtoken_d2")
@@ -33,49 +40,40 @@ def setup(args):
     if cpu_fallback:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_process(cfg, args)
     if cpu_fallback:
         logger.warning("No CUDA GPU available: running on CPU (MODEL.DEVICE cpu)")
     return cfg
 
 
+@exit_on_user_error  # bad data files, datasets, class counts, checkpoints: one line, no traceback
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_datasets(cfg, datasets_used(cfg, training=False))  # seconds, before building the model
         model = Trainer.build_model(cfg)
         StructTokenCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test_with_TTA(cfg, model) if cfg.TEST.AUG.ENABLED else Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # with TEST.AUG.ENABLED, its hooks end with a multi-scale + flip evaluation
     trainer.resume_or_load(resume=args.resume)
-    if cfg.TEST.AUG.ENABLED:  # a final multi-scale + flip evaluation after training
-        trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
     return trainer.train()
 
 
-def resolve_process_count(args):
-    """Detectron2 v0.6's ``launch`` needs CUDA for more than one process: without a GPU, say so
-    and run one process."""
-    if torch.cuda.is_available():
-        return args
-    if args.num_machines > 1:
-        sys.exit("Multi-machine training needs CUDA GPUs (NCCL); this machine has none. Run with --num-machines 1.")
-    if args.num_gpus > 1:
-        print(f"--num-gpus {args.num_gpus} ignored: no CUDA GPU on this machine, running 1 CPU process", file=sys.stderr)
-        args.num_gpus = 1
-    return args
-
-
 if __name__ == "__main__":
-    args = resolve_process_count(default_argument_parser().parse_args())
+    args = add_launch_arguments(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(minutes=args.dist_timeout),
+        )
+    except ProcessFailedError as e:
+        sys.exit(f"{os.path.basename(__file__)}: {e}")

@@ -1,14 +1,24 @@
-"""Training: trainer, optimizer, learning-rate schedule and mixed precision."""
+"""Training: trainer, optimizer, learning-rate schedule, mixed precision, and the launch and set-up
+of its processes."""
+from .launch import ProcessFailedError, add_launch_arguments, launch, started_by_torchrun
 from .lr_scheduler import WarmupPolyParamScheduler, build_lr_scheduler
 from .mixed_precision import MixedPrecisionTrainer
 from .optimizer import build_optimizer, build_param_groups
+from .predictor import StructTokenPredictor
+from .process_setup import setup_process
 from .trainer import Trainer
 
 __all__ = [
     "MixedPrecisionTrainer",
+    "ProcessFailedError",
+    "StructTokenPredictor",
     "Trainer",
     "WarmupPolyParamScheduler",
+    "add_launch_arguments",
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
+    "launch",
+    "setup_process",
+    "started_by_torchrun",
 ]

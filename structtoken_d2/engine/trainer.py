@@ -6,17 +6,20 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .. import ops
 from ..data import build_dataset_mapper
 from ..evaluation import PredictionImageWriter, SemSegEvaluator
 from ..modeling.checkpoint import StructTokenCheckpointer
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
+from .dataset_checks import check_datasets, datasets_used
 from .lr_scheduler import build_lr_scheduler
+from .metrics_plot_hook import MetricsPlotHook
 from .mixed_precision import MixedPrecisionTrainer, resolve_amp_dtype
 from .optimizer import build_optimizer
 
@@ -29,19 +32,22 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if not logging.getLogger("structtoken_d2").isEnabledFor(logging.INFO):
+            setup_logger(distributed_rank=comm.get_rank(), name="structtoken_d2")
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_datasets(cfg, datasets_used(cfg, training=True))  # seconds, before building the model
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        if cfg.SOLVER.AMP.ENABLED:
-            device_type = torch.device(cfg.MODEL.DEVICE).type
-            dtype = resolve_amp_dtype(cfg.SOLVER.AMP.DTYPE, device_type)
-            self._trainer = MixedPrecisionTrainer(model, data_loader, optimizer, device_type, dtype)
-        else:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        # DistributedDataParallel takes the GPU index of this process, and none for a CPU model
+        on_gpu = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_gpu else None)
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = StructTokenCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = StructTokenCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            reinit_class_dependent=cfg.MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS,
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -59,6 +65,39 @@ class Trainer(DefaultTrainer):
         if "step_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["step_trainer"])
 
+    def build_hooks(self):
+        """Detectron2's hooks, plus: with ``TEST.AUG.ENABLED`` a multi-scale + flip evaluation after
+        training, placed before the writers so its results reach ``metrics.json`` / TensorBoard as
+        ``<dataset>_TTA/sem_seg/*``; then (main process) the curves ``OUTPUT_DIR/curves.png``."""
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            tta = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            ret.insert(writers[0] if writers else len(ret), tta)
+        if comm.is_main_process():
+            ret.append(MetricsPlotHook(self.cfg.OUTPUT_DIR))
+        if not self.cfg.TEST.EVAL_AFTER_TRAIN:
+            ret = [PeriodicEvalHook(h._period, h._func) if isinstance(h, hooks.EvalHook) else h for h in ret]
+        return ret
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's (the model is logged), then which ``structtoken_d2.ops`` implementation runs."""
+        model = super().build_model(cfg)
+        logging.getLogger(__name__).info("structtoken_d2.ops on %s: %s", cfg.MODEL.DEVICE,
+                                         ops.active_implementation(cfg.MODEL.DEVICE))
+        return model
+
+    @staticmethod
+    def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+        """The object whose ``run_step()`` is one training iteration: under ``torch.autocast`` with
+        ``SOLVER.AMP.DTYPE`` when ``SOLVER.AMP.ENABLED`` (also used by ``tools/benchmark_model.py``)."""
+        if not cfg.SOLVER.AMP.ENABLED:
+            return SimpleTrainer(model, data_loader, optimizer)
+        device_type = torch.device(cfg.MODEL.DEVICE).type
+        dtype = resolve_amp_dtype(cfg.SOLVER.AMP.DTYPE, device_type)
+        return MixedPrecisionTrainer(model, data_loader, optimizer, device_type, dtype)
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
@@ -73,13 +112,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, resize_to_test_scale: bool = True):
+        """The test loader; with ``TEST.EVAL_NUM_IMAGES`` > 0, of the first that many images only."""
         mapper = build_dataset_mapper(cfg, is_train=False, resize_to_test_scale=resize_to_test_scale)
+        if cfg.TEST.EVAL_NUM_IMAGES > 0:
+            records = DatasetCatalog.get(dataset_name)
+            logging.getLogger(__name__).info("Evaluating the first %d of the %d images of %s (TEST.EVAL_NUM_IMAGES)",
+                                             min(cfg.TEST.EVAL_NUM_IMAGES, len(records)), len(records), dataset_name)
+            return build_detection_test_loader(records[: cfg.TEST.EVAL_NUM_IMAGES], mapper=mapper,
+                                               num_workers=cfg.DATALOADER.NUM_WORKERS)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """Metrics, plus the first ``TEST.PREDICTION_IMAGES`` predictions saved as images under
-        ``output_folder`` (default ``OUTPUT_DIR/inference``)/predictions."""
+        """Metrics (per-class tables in ``output_folder``, default ``OUTPUT_DIR/inference``), plus the
+        first ``TEST.PREDICTION_IMAGES`` predictions saved as images under ``output_folder/predictions``."""
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type != "sem_seg":
             raise ValueError(
@@ -87,7 +133,7 @@ class Trainer(DefaultTrainer):
                 f"'sem_seg' datasets only (register it with stuff_classes and evaluator_type='sem_seg')"
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        evaluators = [SemSegEvaluator(dataset_name, distributed=True)]
+        evaluators = [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)]
         if cfg.TEST.PREDICTION_IMAGES > 0:
             image_dir = os.path.join(output_folder, "predictions", dataset_name)
             evaluators.append(PredictionImageWriter(dataset_name, image_dir, cfg.TEST.PREDICTION_IMAGES))
@@ -110,3 +156,11 @@ class Trainer(DefaultTrainer):
                 logger.info("Evaluation results for %s with test-time augmentation in csv format:", dataset_name)
                 print_csv_format(results[dataset_name])
         return OrderedDict({f"{k}_TTA": v for k, v in results.items()})
+
+
+class PeriodicEvalHook(hooks.EvalHook):
+    """Detectron2's ``EvalHook`` without the evaluation after the last iteration
+    (``TEST.EVAL_AFTER_TRAIN`` False); evaluations every ``eval_period`` iterations still run."""
+
+    def after_train(self):
+        del self._func  # as EvalHook.after_train, which frees the closure holding the trainer

@@ -1,5 +1,5 @@
 """Evaluation: semantic-segmentation metrics and prediction images."""
-from .prediction_images import PredictionImageWriter, colorize, prediction_panel
+from .prediction_images import PredictionImageWriter, colorize, prediction_panel, shown_classes
 from .sem_seg_evaluation import SemSegEvaluator, confusion_matrix, metrics_from_confusion
 
 __all__ = [
@@ -9,4 +9,5 @@ __all__ = [
     "confusion_matrix",
     "metrics_from_confusion",
     "prediction_panel",
+    "shown_classes",
 ]

@@ -10,6 +10,7 @@ from detectron2.utils import comm
 
 from ..data import read_sem_seg_label
 from ..data.datasets import IGNORE_LABEL
+from .per_class_table import format_per_class_table, per_class_rows, write_per_class_results
 
 
 def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_label: int) -> torch.Tensor:
@@ -55,11 +56,13 @@ class SemSegEvaluator(DatasetEvaluator):
     over processes and reports the metrics under ``results["sem_seg"]``.
 
     Each model output needs ``sem_seg`` [K, H, W] scores at the original image size; the ground
-    truth is read from the input's dataset record (``sem_seg_file_name``).
+    truth is read from the input's dataset record (``sem_seg_file_name``). The main process logs a
+    per-class IoU / Acc table (best first) and, with ``output_dir``, writes it to
+    ``output_dir/per_class_<dataset>.json`` and ``.csv``.
     """
 
     def __init__(self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None):
-        """``output_dir`` is accepted for Detectron2 API compatibility; nothing is written."""
+        """``output_dir``: folder of the per-class JSON / CSV files; None writes none."""
         meta = MetadataCatalog.get(dataset_name)
         if not hasattr(meta, "stuff_classes"):
             raise ValueError(f"Dataset '{dataset_name}' has no metadata 'stuff_classes': register its class names")
@@ -67,6 +70,8 @@ class SemSegEvaluator(DatasetEvaluator):
         self._num_classes = len(self._class_names)
         self._ignore_label = getattr(meta, "ignore_label", IGNORE_LABEL)
         self._distributed = distributed
+        self._dataset_name = dataset_name
+        self._output_dir = output_dir
         self._conf: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
@@ -81,7 +86,8 @@ class SemSegEvaluator(DatasetEvaluator):
                     f"Input {inp.get('file_name')} has no 'sem_seg_file_name': evaluate with a mapper "
                     f"that keeps the dataset record's fields (SemanticSegmentationMapper does)"
                 )
-            gt = torch.as_tensor(read_sem_seg_label(inp), device=pred.device)
+            label = read_sem_seg_label(inp, self._num_classes, self._ignore_label)  # range errors name the file
+            gt = torch.as_tensor(label, device=pred.device)
             if gt.shape != pred.shape:
                 raise ValueError(
                     f"Prediction for {inp['file_name']} is {tuple(pred.shape)} but its ground truth is "
@@ -102,4 +108,18 @@ class SemSegEvaluator(DatasetEvaluator):
             conf = torch.stack(gathered).sum(0)
         if conf.sum() == 0:
             logging.getLogger(__name__).warning("SemSegEvaluator got no labelled pixel to evaluate")
-        return OrderedDict(sem_seg=metrics_from_confusion(conf.cpu(), self._class_names))
+        results = metrics_from_confusion(conf.cpu(), self._class_names)
+        self._report_per_class(results)
+        return OrderedDict(sem_seg=results)
+
+    def _report_per_class(self, results) -> None:
+        """Logs the per-class table and writes its JSON / CSV files (main process only)."""
+        if not comm.is_main_process():
+            return
+        rows = per_class_rows(results, self._class_names)
+        logger = logging.getLogger(__name__)
+        logger.info("Per-class results on %s (mIoU %.2f):\n%s", self._dataset_name, results["mIoU"],
+                    format_per_class_table(rows))
+        if self._output_dir:
+            paths = write_per_class_results(self._output_dir, self._dataset_name, results, rows)
+            logger.info("Per-class results written to %s", " and ".join(paths))

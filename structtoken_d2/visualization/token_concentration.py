@@ -1,0 +1,134 @@
+"""How much of each class's token map lies on that class's ground-truth region, per stage.
+
+For a class k present in an image's ground truth and a map M (one stage's slice k, at image
+size), the *inside fraction* is ``sum(max(M, 0) * [gt == k]) / sum(max(M, 0))`` over the labelled
+pixels (ignore pixels left out): the share of the map's positive mass on the class's region.
+A map spread evenly scores the region's *area fraction*; a map all on the region scores 1.
+
+The *centred* variant first subtracts from M its mean over the labelled pixels, so that it does
+not depend on the map's offset: a map all negative but least negative on the region scores
+high, where the plain measure scores it 0 (or NaN when it has no positive value at all).
+"""
+import csv
+import json
+import math
+from typing import Dict, List, Sequence
+
+import torch
+from tabulate import tabulate
+
+from ..output_files import save_new_file
+
+
+#: The two measures, by the name the tool's tables and files give them.
+MEASURES = {"positive mass": False, "centred": True}
+
+
+def inside_fractions(maps: torch.Tensor, gt: torch.Tensor, ignore_label: int, centred: bool = False) -> torch.Tensor:
+    """``maps [S, K, H, W]``, ``gt [H, W]`` -> ``[S, K]`` float64 inside fractions (``centred``:
+    of the maps minus their mean over the labelled pixels); NaN for a class absent from ``gt``
+    or a map without positive mass on the labelled pixels."""
+    s, k = maps.shape[:2]
+    valid = gt != ignore_label
+    values = maps.double()[:, :, valid]  # [S, K, N]
+    if centred:
+        values = values - values.mean(-1, keepdim=True)
+    positive = values.clamp(min=0)
+    labels = gt[valid].long()
+    on_class = torch.nn.functional.one_hot(labels, k).T.double()  # [K, N]
+    inside = (positive * on_class).sum(-1)
+    total = positive.sum(-1)
+    fractions = inside / total
+    present = on_class.sum(-1) > 0
+    fractions[:, ~present] = math.nan
+    fractions[total == 0] = math.nan
+    return fractions
+
+
+def area_fractions(gt: torch.Tensor, num_classes: int, ignore_label: int) -> torch.Tensor:
+    """``[K]`` float64: each class's share of the labelled pixels; NaN for an absent class."""
+    labels = gt[gt != ignore_label].long()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    area = counts / max(labels.numel(), 1)
+    area[counts == 0] = math.nan
+    return area
+
+
+class ConcentrationMeter:
+    """Averages :func:`inside_fractions` over images, per stage and class (mean over the images
+    that contain the class, NaN entries skipped), beside the mean area fraction."""
+
+    def __init__(self, stage_names: Sequence[str], class_names: Sequence[str], ignore_label: int,
+                 centred: bool = False):
+        self.stage_names = list(stage_names)
+        self.class_names = list(class_names)
+        self.ignore_label = ignore_label
+        self.centred = centred
+        shape = (len(stage_names), len(class_names))
+        self._sum = torch.zeros(shape, dtype=torch.float64)
+        self._count = torch.zeros(shape, dtype=torch.float64)
+        self._area_sum = torch.zeros(len(class_names), dtype=torch.float64)
+        self._images = torch.zeros(len(class_names), dtype=torch.float64)
+        self.num_images = 0
+
+    def add(self, maps: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Adds one image (``maps [S, K, H, W]``, ``gt [H, W]``); returns its ``[S, K]`` fractions."""
+        fractions = inside_fractions(maps, gt, self.ignore_label, self.centred)
+        seen = ~fractions.isnan()
+        self._sum += fractions.nan_to_num(0.0)
+        self._count += seen
+        area = area_fractions(gt, len(self.class_names), self.ignore_label)
+        self._area_sum += area.nan_to_num(0.0)
+        self._images += ~area.isnan()
+        self.num_images += 1
+        return fractions
+
+    def summary(self) -> List[Dict]:
+        """One row per class that occurred: ``{"class", "images", "area", <stage>: mean fraction}``,
+        then a ``"mean"`` row averaging the class rows (NaN skipped), whose "images" counts all."""
+        means = self._sum / self._count  # NaN where never seen
+        rows = []
+        for k, name in enumerate(self.class_names):
+            if self._images[k] == 0:
+                continue
+            row = {"class": name, "images": int(self._images[k]), "area": (self._area_sum[k] / self._images[k]).item()}
+            row.update({stage: means[s, k].item() for s, stage in enumerate(self.stage_names)})
+            rows.append(row)
+        if rows:
+            mean = {"class": "mean", "images": self.num_images}
+            for key in ["area"] + self.stage_names:
+                values = [r[key] for r in rows if not math.isnan(r[key])]
+                mean[key] = sum(values) / len(values) if values else math.nan
+            rows.append(mean)
+        return rows
+
+
+def format_concentration_table(rows: List[Dict], stage_names: Sequence[str]) -> str:
+    """A Markdown table: class, images, area fraction, then the inside fraction per stage."""
+    headers = ["class", "images", "area"] + list(stage_names)
+    cells = [[r["class"], r["images"], *(f"{r[k]:.3f}" for k in headers[2:])] for r in rows]
+    return tabulate(cells, headers=headers, tablefmt="pipe", disable_numparse=True,
+                    colalign=["left"] + ["right"] * (len(headers) - 1))
+
+
+def write_concentration(tables: Dict[str, List[Dict]], stage_names: Sequence[str], base_path: str) -> List[str]:
+    """``base_path.json`` (``{"stages", <measure>: rows}``, NaN as null) and ``base_path.csv``
+    (a "measure" column, then the rows' columns) of ``tables`` (measure name -> summary rows),
+    each as a new file (a numbered name when one exists). Returns the paths written."""
+    headers = ["class", "images", "area"] + list(stage_names)
+
+    def write_json(tmp):
+        document = {"stages": list(stage_names)}
+        for measure, rows in tables.items():
+            document[measure] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                                 for r in rows]
+        with open(tmp, "w") as f:
+            json.dump(document, f, indent=2)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["measure"] + headers)
+            writer.writerows([measure] + [r[k] for k in headers] for measure, rows in tables.items() for r in rows)
+
+    return [save_new_file(base_path + ".json", write_json), save_new_file(base_path + ".csv", write_csv)]

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Structure-token maps of a trained StructToken model, block by block (paper Fig. 4).
+
+    # 4 validation images (ground truth shown), and the concentration over the whole split:
+    python tools/visualize_tokens.py --config-file configs/synthetic/structtoken_shapes.yaml \\
+        --dataset shapes_sem_seg_val --num 4 --measure --output output/structtoken_shapes/token_maps \\
+        MODEL.WEIGHTS output/structtoken_shapes/model_final.pth
+    # your images (a file or a folder; --gt: a folder of label PNGs named like the images):
+    python tools/visualize_tokens.py --config-file CFG --input photos/ --output out/ \\
+        --classes car door MODEL.WEIGHTS model.pth
+
+Per image, <output>/<image name>_tokens.png: the image, ground truth (when known) and prediction
+with a legend; below, one row per class (default: the classes of the ground truth when known,
+else of the prediction): S (the learned tokens resized to the feature grid), S1 ... SL (the tokens
+after each extraction block) and Y (the final ResBlock's score map), one colour scale per row
+(--scale map: one per map).
+The maps are read with forward hooks during one whole-image pass at the test scale, and brought to
+the image size as the logits are. A name already taken gets a number (_1, _2...): nothing is
+ever written over.
+
+--measure: the share of each class map's positive mass inside the class's ground-truth region,
+per stage, averaged over the images holding the class (all of --dataset, or every --input with a
+label), beside the region's area share (what an even map scores); also "centred", the same for the
+maps minus their mean over the image (independent of a map's offset). Printed as Markdown tables
+and written to <output>/token_concentration.json and .csv. The figures print each map's positive-
+mass share in its corner ("in").
+"""
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+
+import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from structtoken_d2 import add_structtoken_config
+from structtoken_d2.data import build_dataset_mapper, read_image_file, read_sem_seg_label
+from structtoken_d2.data.datasets import IGNORE_LABEL
+from structtoken_d2.engine import Trainer
+from structtoken_d2.engine.dataset_checks import check_datasets
+from structtoken_d2.engine.user_errors import exit_on_user_error
+from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
+from structtoken_d2.output_files import save_new_file
+from structtoken_d2.visualization import (
+    COLOUR_SCALES,
+    MEASURES,
+    ConcentrationMeter,
+    format_concentration_table,
+    predict_token_maps,
+    token_map_figure,
+    write_concentration,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image files and/or folders of images")
+    source.add_argument("--dataset", help="a registered dataset, e.g. shapes_sem_seg_val (ground truth shown)")
+    parser.add_argument("--gt", help="with --input: folder of label PNGs (train ids) named <image name>.png")
+    parser.add_argument("--num", type=int, default=None,
+                        help="figures for the first N images (default: 4 of --dataset, every --input)")
+    parser.add_argument("--classes", nargs="+", help="class names to draw (default: those in the ground truth, "
+                        "else in the prediction)")
+    parser.add_argument("--scale", choices=COLOUR_SCALES, default="row",
+                        help="colour scale: one per class row (default, with a colour bar) or one per map "
+                        "(shows maps far weaker than the row's strongest)")
+    parser.add_argument("--measure", action="store_true", help="measure the maps' concentration on the "
+                        "ground-truth regions over all images with a label")
+    parser.add_argument("--output", required=True, help="folder of the figures (and measurements)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ... (MODEL.WEIGHTS)")
+    return parser.parse_args(argv)
+
+
+def input_records(paths, gt_dir):
+    """Dataset-style records of the images under ``paths``, with ``sem_seg_file_name`` from ``gt_dir``."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                sys.exit(f"--input {path}: no image ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            sys.exit(f"--input {path}: no such file or folder")
+    records = []
+    for f in files:
+        record = {"file_name": f}
+        if gt_dir:
+            label = os.path.join(gt_dir, os.path.splitext(os.path.basename(f))[0] + ".png")
+            if not os.path.isfile(label):
+                sys.exit(f"--gt {gt_dir}: no label {label} for the image {f}")
+            record["sem_seg_file_name"] = label
+        records.append(record)
+    return records
+
+
+def class_ids_from_names(names, class_names):
+    unknown = [n for n in names if n not in class_names]
+    if unknown:
+        sys.exit(f"--classes {' '.join(unknown)}: not a class of this model; valid: {', '.join(class_names)}")
+    return [class_names.index(n) for n in names]
+
+
+def load_model(cfg):
+    if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
+        sys.exit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is not a file: pass MODEL.WEIGHTS path/to/model_final.pth")
+    model = Trainer.build_model(cfg)
+    StructTokenCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if not hasattr(model, "sem_seg_head") or not hasattr(model.sem_seg_head, "layers"):
+        sys.exit(f"{cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.SEM_SEG_HEAD.NAME}: not a StructToken model")
+    return model.eval()
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    if args.gt and not args.input:
+        sys.exit("--gt goes with --input (a --dataset brings its own ground truth)")
+    cfg = get_cfg()
+    add_structtoken_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.COMPILE = False  # the maps are read with forward hooks on the eager blocks
+    cfg.freeze()
+
+    check_datasets(cfg, [args.dataset] if args.dataset else [])  # also registers DATASETS.FOLDER datasets
+    if not args.dataset and not cfg.DATASETS.TEST:
+        sys.exit("DATASETS.TEST is empty: name the dataset whose classes and colours to use")
+    meta = MetadataCatalog.get(args.dataset or cfg.DATASETS.TEST[0])
+    records = DatasetCatalog.get(args.dataset) if args.dataset else input_records(args.input, args.gt)
+    class_names, colors = list(meta.stuff_classes), meta.stuff_colors
+    ignore_label = getattr(meta, "ignore_label", IGNORE_LABEL)
+    chosen = class_ids_from_names(args.classes, class_names) if args.classes else None
+    num_figures = args.num if args.num is not None else (len(records) if args.input else 4)
+    labelled = [r for r in records if "sem_seg_file_name" in r]
+    if args.measure and not labelled:
+        sys.exit("--measure needs ground truth: use --dataset, or --input with --gt")
+    todo = records if args.measure else records[:num_figures]
+
+    model = load_model(cfg)
+    mapper = build_dataset_mapper(cfg, is_train=False)
+    meters = {}
+    written = []
+    for i, record in enumerate(todo):
+        result = predict_token_maps(model, mapper(record))
+        if not meters:
+            meters = {name: ConcentrationMeter(result.names, class_names, ignore_label, centred)
+                      for name, centred in MEASURES.items()}
+        gt = read_sem_seg_label(record, len(class_names), ignore_label) if "sem_seg_file_name" in record else None
+        fractions = None  # of the figure: the positive-mass shares
+        if gt is not None:
+            shares = {name: meter.add(result.maps, torch.as_tensor(gt)) for name, meter in meters.items()}
+            fractions = shares["positive mass"].numpy()
+        if i < num_figures:
+            pred = result.logits.argmax(0).numpy()
+            ids = chosen or sorted(set(np.unique(gt if gt is not None else pred).tolist()) - {ignore_label})
+            image = read_image_file(record["file_name"], format="RGB")
+            fig = token_map_figure(image, pred, result.maps.numpy(), result.names, ids, class_names, colors, gt,
+                                   fractions, title=os.path.basename(record["file_name"]), scale=args.scale)
+            name = os.path.splitext(os.path.basename(record["file_name"]))[0] + "_tokens.png"
+            written.append(save_new_file(os.path.join(args.output, name), lambda tmp: fig.savefig(tmp, dpi=100)))
+            print(f"Token maps written to {written[-1]}", flush=True)
+        if (i + 1) % 50 == 0 or i + 1 == len(todo):
+            print(f"{i + 1}/{len(todo)} images", file=sys.stderr, flush=True)
+    if args.measure:
+        tables = {name: meter.summary() for name, meter in meters.items()}
+        stages = next(iter(meters.values())).stage_names
+        print(f"\nShare of each class map's positive mass inside the class's ground-truth region, per stage "
+              f"({len(labelled)} images of {args.dataset or 'the inputs'}, {cfg.MODEL.WEIGHTS}); "
+              f"area: the region's share of the image, what an even map scores.")
+        for name, rows in tables.items():
+            print(f"\n{name}:\n{format_concentration_table(rows, stages)}")
+        paths = write_concentration(tables, stages, os.path.join(args.output, "token_concentration"))
+        print(f"\nWritten to {' and '.join(paths)}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

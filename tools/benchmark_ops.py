@@ -20,7 +20,6 @@ Exits with a message when ``structtoken_d2._C`` is not built for the device.
 import argparse
 import contextlib
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
@@ -90,18 +89,9 @@ class Row:
     roofline_pct: Optional[float]
 
 
-@contextlib.contextmanager
 def implementation(name: str):
-    """Runs the structtoken_d2.ops calls in the block on the compiled kernels or on the reference."""
-    old = os.environ.get(ops.FORCE_PYTORCH_ENV)
-    os.environ[ops.FORCE_PYTORCH_ENV] = "1" if name == "eager" else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[ops.FORCE_PYTORCH_ENV]
-        else:
-            os.environ[ops.FORCE_PYTORCH_ENV] = old
+    """Runs the structtoken_d2.ops calls in the block on the compiled kernels or on the reference ("eager")."""
+    return ops.forced_pytorch(name == "eager")
 
 
 def _fwd_and_bwd_cases(op, preset, shape, impls, inputs, fwd_bytes, bwd_bytes, fwd_flops, bwd_flops):

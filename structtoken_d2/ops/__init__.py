@@ -7,6 +7,7 @@ to force the reference. Inputs in a dtype the kernels lack (e.g. bfloat16 on CPU
 reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``. Under autocast,
 the ops run in the autocast dtype, as ``torch.matmul`` / ``conv2d`` would.
 """
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,22 @@ def active_implementation(device) -> str:
     return f"compiled-{device.type}"
 
 
+@contextlib.contextmanager
+def forced_pytorch(enabled: bool = True):
+    """Within the block, the ops take the PyTorch reference (``enabled``) or the kernels where built
+    (not ``enabled``), whatever ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS`` says; it is restored after.
+    (``torch.compile`` guards on the variable: a compiled function recompiles for the other setting.)"""
+    old = os.environ.get(FORCE_PYTORCH_ENV)
+    os.environ[FORCE_PYTORCH_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[FORCE_PYTORCH_ENV]
+        else:
+            os.environ[FORCE_PYTORCH_ENV] = old
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for ``x``'s device, else ``x.dtype``."""
     if torch.is_autocast_enabled(x.device.type):
@@ -94,4 +111,4 @@ def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, no
         return LIBRARY.depthwise_projection(*args, float(eps))[0]
 
 
-__all__ = ["active_implementation", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]
+__all__ = ["active_implementation", "forced_pytorch", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]

@@ -1,13 +1,16 @@
-"""Timing, peak memory and roofline of the device, for ``tools/benchmark_ops.py``.
+"""Timing, peak memory and roofline of the device, for ``tools/benchmark_ops.py`` and
+``tools/benchmark_model.py``.
 
 CUDA: CUDA events around each call, the L2 cache flushed before each one (a write of twice its size),
 median over the iterations; peak memory from the caching allocator. CPU: ``time.perf_counter``
-median, no cache flush, no memory figure.
+median, no cache flush; peak memory as the process's resident set (:func:`peak_rss_bytes`).
 """
+import os
 import statistics
+import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -93,3 +96,76 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+@dataclass
+class CallTimes:
+    """Seconds of the timed calls of one callable: ``wall`` (what a user waits for; CUDA synchronised)
+    and ``cpu`` (CPU time of the whole process, all threads), plus the untimed warm-up calls' total."""
+
+    wall: List[float] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
+    warmup_s: float = 0.0
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], device: torch.device, iters: int, warmup: int,
+                      on_round: Optional[Callable[[bool, int, Dict[str, CallTimes]], None]] = None
+                      ) -> Dict[str, CallTimes]:
+    """Times every ``fns[name]()`` ``iters`` times, round-robin (one call of each per round), after
+    ``warmup`` untimed rounds, so that a load change on a shared machine hits every callable alike.
+    ``on_round(timed, round_index, times)`` is called after each round (progress)."""
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    times = {name: CallTimes() for name in fns}
+    for i in range(warmup):
+        for name, fn in fns.items():
+            times[name].warmup_s += timed(fn)[0]
+        if on_round is not None:
+            on_round(False, i, times)
+    for i in range(iters):
+        for name, fn in fns.items():
+            wall, cpu = timed(fn)
+            times[name].wall.append(wall)
+            times[name].cpu.append(cpu)
+        if on_round is not None:
+            on_round(True, i, times)
+    return times
+
+
+def _rss_bytes() -> Optional[int]:
+    """Resident set size of this process (Linux ``/proc/self/statm``), None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes(fn: Callable[[], object], interval_s: float = 0.001) -> Optional[int]:
+    """Largest resident set size of the process while ``fn()`` runs, sampled every ``interval_s`` by a
+    thread (PyTorch releases the GIL inside its ops); None where the RSS cannot be read."""
+    peak = [_rss_bytes()]
+    if peak[0] is None:
+        return None
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+            done.wait(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes() or 0)

@@ -186,8 +186,8 @@ def _add_test_config(cfg: CN) -> None:
     # OUTPUT_DIR/inference[_TTA]/predictions/<dataset> (0: none).
     cfg.TEST.PREDICTION_IMAGES = 8
     # Evaluate DATASETS.TEST after the last iteration (Detectron2's EvalHook always does; with
-    # TEST.AUG.ENABLED tools/train_net.py adds a test-time-augmentation evaluation). False skips
-    # both, e.g. for smoke runs; periodic evaluations (TEST.EVAL_PERIOD) still run.
+    # TEST.AUG.ENABLED the trainer adds a test-time-augmentation evaluation). False skips both,
+    # e.g. for smoke runs; periodic evaluations (TEST.EVAL_PERIOD) still run, the last one included.
     cfg.TEST.EVAL_AFTER_TRAIN = True
     # Evaluate only the first N images of each test dataset (0: all), e.g. for quick runs.
     cfg.TEST.EVAL_NUM_IMAGES = 0

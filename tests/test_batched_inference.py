@@ -1,12 +1,16 @@
 """Batched inference (TEST.SLIDE_BATCH) against the sequential protocol of mmseg, written here
 independently: every window of every view through the network alone, whole / slide, both
-TEST.LOGITS_RESIZE rules, odd image sizes with clipped edge windows, multi-scale + flip."""
+TEST.LOGITS_RESIZE rules, odd image sizes with clipped edge windows, multi-scale + flip; and the
+full-size logits buffers alive at once, which must not grow with the number of views."""
 import math
+import weakref
 
 import cv2
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import structtoken_d2  # noqa: F401  (registrations)
 from detectron2.modeling import build_model
@@ -24,9 +28,9 @@ MEAN, STD = 127.5, 127.5  # configs/Base-StructToken.yaml's PIXEL_MEAN / PIXEL_S
 SIZES = [(70, 45), (97, 131), (33, 50)]
 
 
-def float64_model(mode, logits_resize, slide_batch):
+def float64_model(mode, logits_resize, slide_batch, **overrides):
     torch.manual_seed(0)
-    return build_model(_cfg(mode, logits_resize, slide_batch)).double().eval()
+    return build_model(_cfg(mode, logits_resize, slide_batch, **overrides)).double().eval()
 
 
 def image(h, w, seed=0):
@@ -128,8 +132,9 @@ def test_batched_multi_scale_flip_equals_sequential_protocol(mode, logits_resize
             torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def _cfg(mode, logits_resize, slide_batch):
-    return tiny_cfg(**{"TEST.MODE": mode, "TEST.LOGITS_RESIZE": logits_resize, "TEST.SLIDE_BATCH": slide_batch})
+def _cfg(mode, logits_resize, slide_batch, **overrides):
+    return tiny_cfg(**{"TEST.MODE": mode, "TEST.LOGITS_RESIZE": logits_resize, "TEST.SLIDE_BATCH": slide_batch,
+                       **overrides})
 
 
 def _record_batches(model):
@@ -200,3 +205,43 @@ def test_batched_and_sequential_evaluations_give_identical_metrics(tmp_path, mon
     # (Detectron2's test() unwraps the results of a single dataset.)
     assert single["sem_seg"]["mIoU"] != tta["shapes_sem_seg_val_TTA"]["sem_seg"]["mIoU"]
     assert results[8] == results[1]
+
+
+class LargeStorageTracker(TorchDispatchMode):
+    """A tracemalloc for tensors: after every op run under it, the total bytes of the live storages of
+    at least ``min_bytes`` among the tensors the ops returned; ``peak`` is the largest total."""
+
+    def __init__(self, min_bytes):
+        super().__init__()
+        self.min_bytes, self.peak = min_bytes, 0
+        self.tensors = []  # (weak reference, storage address, storage bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.min_bytes:
+                self.tensors.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        self.tensors = [entry for entry in self.tensors if entry[0]() is not None]
+        self.peak = max(self.peak, sum({ptr: nbytes for _, ptr, nbytes in self.tensors}.values()))
+        return out
+
+
+@pytest.mark.parametrize("slide_batch", [1, 4])
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_full_size_logits_alive_at_once_do_not_grow_with_the_views(mode, slide_batch):
+    # 97x131 views, K = 48: one [K, H, W] float32 is 2.4 MB (float64: twice), more than anything else
+    # here (4 stacked float64 images, padded: 1.5 MB; a 64x64 window's resized logits: 0.8 MB).
+    # Ratios 1.0, 1.001, 1.002 all give 97x131: with flip, 2 or 6 views of one size, in one model call.
+    k, (h, w) = 48, (97, 131)
+    full_size = k * h * w * 4
+    model = float64_model(mode, "aligned", slide_batch, **{"MODEL.SEM_SEG_HEAD.NUM_CLASSES": k})
+    peaks = []
+    for ratios in ([1.0], [1.0, 1.001, 1.002]):
+        tta = SemanticSegmentorWithTTA(_cfg(mode, "aligned", slide_batch), model, ratios=ratios, flip=True,
+                                       scale=[w, h])
+        with torch.no_grad(), LargeStorageTracker(full_size) as tracker:
+            out = tta([{"image": image(h, w), "height": h, "width": w}])[0]["sem_seg"]
+        assert out.shape == (k, h, w)
+        peaks.append(tracker.peak / full_size)
+    assert peaks[0] >= 2  # the tracker sees the buffers: the running sum, and a view's logits
+    assert peaks[1] == peaks[0]

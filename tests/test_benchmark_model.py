@@ -1,12 +1,14 @@
 """tools/benchmark_model.py and its helpers: interleaved timing, peak RSS, variants, a tiny run's
 rows and JSON, and a JSON file never overwritten without --overwrite."""
 import json
+import time
 
 import pytest
 import torch
 
 import structtoken_d2  # noqa: F401
 from structtoken_d2.engine.model_benchmark import Variant, variants
+from structtoken_d2.ops import timing
 from structtoken_d2.ops.timing import interleaved_times, peak_rss_bytes
 from tiny_runs import SHAPES_CONFIG, load_tool, tiny_opts
 
@@ -22,7 +24,10 @@ def test_calls_are_interleaved_round_robin_after_the_warmup():
     assert all(len(t.wall) == 2 and len(t.cpu) == 2 and t.warmup_s > 0 for t in times.values())
 
 
-def test_peak_rss_sees_a_transient_allocation():
+@pytest.mark.parametrize("kernel_peak", [True, False])
+def test_peak_rss_sees_a_transient_allocation(kernel_peak, tmp_path, monkeypatch):
+    if not kernel_peak:  # the reset refused: the sampling thread
+        monkeypatch.setattr(timing, "CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))
     size = 256 * 2 ** 20
 
     def allocate():
@@ -31,6 +36,20 @@ def test_peak_rss_sees_a_transient_allocation():
 
     before = peak_rss_bytes(lambda: None)
     assert peak_rss_bytes(allocate) >= before + 0.9 * size
+
+
+def test_peak_rss_sees_a_peak_between_two_samples():
+    # 200 MB allocated and freed after the sampler's first sample and long before its second (10 s):
+    # sampling misses it, the kernel's high-water mark (VmHWM, reset before the call) does not.
+    size = 200 * 2 ** 20
+
+    def allocate():
+        time.sleep(0.05)
+        buffer = torch.ones(size // 4)
+        del buffer
+
+    before = peak_rss_bytes(lambda: None)
+    assert peak_rss_bytes(allocate, interval_s=10.0) >= before + 0.9 * size
 
 
 def test_variants_are_every_ops_choice_for_every_combination_in_order():

@@ -8,9 +8,11 @@ import torch
 
 import structtoken_d2  # noqa: F401
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
 from structtoken_d2.modeling import ClassCountMismatchError, StructTokenCheckpointer
+from structtoken_d2.modeling.checkpoint import NoLoadableCheckpointError
 from tiny_runs import captured_logs, tiny_cfg
 
 
@@ -119,7 +121,7 @@ def test_fine_tuning_to_another_class_count_reinitialises_only_class_dependent_t
 
     with pytest.raises(ClassCountMismatchError):  # the default stays the error
         StructTokenCheckpointer(target).load(str(tmp_path / "six.pth"))
-    with captured_logs() as records:
+    with captured_logs() as records, captured_logs("fvcore") as fvcore_records:
         StructTokenCheckpointer(target, reinit_class_dependent=True).load(str(tmp_path / "six.pth"))
     loaded = target.state_dict()
     for key in loaded:
@@ -128,3 +130,33 @@ def test_fine_tuning_to_another_class_count_reinitialises_only_class_dependent_t
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "6 to 4 classes" in warnings[0]
     assert all(k in warnings[0] for k in class_dependent)
+    assert [r.getMessage() for r in fvcore_records if r.levelno >= logging.WARNING] == []  # not once per tensor
+
+
+def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_path, monkeypatch):
+    """The main process alone writes checkpoints, so it chooses the one to resume from; the others
+    load that one, even where their own look at the folder would choose another."""
+    first, second = _model(seed=0), _model(seed=1)
+    StructTokenCheckpointer(first, save_dir=str(tmp_path)).save("model_a")
+    StructTokenCheckpointer(second, save_dir=str(tmp_path)).save("model_b")  # the one last_checkpoint names
+    sent = []
+
+    def all_gather_from_main(main_choice):
+        return lambda obj: sent.append(obj) or [main_choice, obj]
+
+    monkeypatch.setattr(comm, "is_main_process", lambda: False)
+    monkeypatch.setattr(comm, "all_gather", all_gather_from_main((str(tmp_path / "model_a.pth"), None)))
+    target = _model(seed=2)
+    StructTokenCheckpointer(target, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert sent == [None]
+    torch.testing.assert_close(target.sem_seg_head.tokens, first.sem_seg_head.tokens, rtol=0, atol=0)
+
+    monkeypatch.setattr(comm, "all_gather", all_gather_from_main((None, "--resume: no checkpoint in X can be loaded")))
+    with pytest.raises(NoLoadableCheckpointError, match="no checkpoint in X"):  # the main process's error
+        StructTokenCheckpointer(target, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+
+    monkeypatch.setattr(comm, "is_main_process", lambda: True)  # the main process sends its choice
+    monkeypatch.setattr(comm, "all_gather", lambda obj: sent.append(obj) or [obj, None])
+    StructTokenCheckpointer(target, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert sent[-1] == (str(tmp_path / "model_b.pth"), None)
+    torch.testing.assert_close(target.sem_seg_head.tokens, second.sem_seg_head.tokens, rtol=0, atol=0)

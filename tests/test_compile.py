@@ -7,13 +7,12 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import structtoken_d2  # noqa: F401  (registrations)
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from structtoken_d2 import ops
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
 from structtoken_d2.modeling import StructTokenHead
-from tiny_runs import tiny_cfg
+from tiny_runs import Interrupt, tiny_cfg
 
 needs_kernels = pytest.mark.skipif("cpu" not in ops.COMPILED_DEVICE_TYPES, reason="structtoken_d2._C is not built")
 
@@ -83,17 +82,6 @@ def test_model_compile_keeps_the_eager_checkpoint_format(aot_eager_compile):
         torch.testing.assert_close(compiled(inputs)[0]["sem_seg"], eager(inputs)[0]["sem_seg"])
 
 
-class _Interrupt(HookBase):
-    """Stops training (like Ctrl-C) after iteration ``after_iter``, once the checkpointer has run."""
-
-    def __init__(self, after_iter):
-        self.after_iter = after_iter
-
-    def after_step(self):
-        if self.trainer.iter == self.after_iter:
-            raise KeyboardInterrupt
-
-
 def test_compiled_training_checkpoints_and_resumes_like_eager(aot_eager_compile, tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (6, 0), "val": (2, 1)})
@@ -103,7 +91,7 @@ def test_compiled_training_checkpoints_and_resumes_like_eager(aot_eager_compile,
     trainer = Trainer(cfg)
     assert trainer.model.sem_seg_head._compiled_call_impl is not None
     trainer.resume_or_load(resume=False)
-    trainer.register_hooks([_Interrupt(after_iter=1)])
+    trainer.register_hooks([Interrupt(after_iter=1)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     checkpoint = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=False)

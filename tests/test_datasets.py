@@ -12,7 +12,7 @@ import scipy.io
 import structtoken_d2  # noqa: F401
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from structtoken_d2.data import read_sem_seg_label
-from structtoken_d2.data.datasets import DatasetNotFoundError, shapes
+from structtoken_d2.data.datasets import DatasetNotFoundError, require_dataset_files, shapes
 from structtoken_d2.data.datasets.coco_stuff_10k import coco_stuff_train_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +41,12 @@ def test_registered_with_class_names_and_colors(name):
     assert meta.ignore_label == 255 and meta.evaluator_type == "sem_seg"
 
 
+@pytest.mark.parametrize("check", ["load", "check without loading"])
 @pytest.mark.parametrize("name", sorted(PUBLIC_DATASETS))
-def test_missing_dataset_error_names_layout_and_preparation(name, datasets_dir):
+def test_missing_dataset_error_names_layout_and_preparation(name, check, datasets_dir):
     _, directory = PUBLIC_DATASETS[name]
     with pytest.raises(DatasetNotFoundError) as err:
-        DatasetCatalog.get(name)
+        DatasetCatalog.get(name) if check == "load" else require_dataset_files(name)
     message = str(err.value)
     assert str(datasets_dir / directory) in message  # which directory is missing
     assert "Expected layout" in message and directory + "/" in message

@@ -6,8 +6,8 @@ children the parent's sys.path, which holds tests/)."""
 import argparse
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +28,7 @@ from detectron2.utils.env import seed_all_rng
 from structtoken_d2 import add_structtoken_config
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import ProcessFailedError, Trainer, launch, setup_process
-from structtoken_d2.engine.launch import SHUTDOWN_GRACE_S
+from structtoken_d2.engine.launch import SHUTDOWN_GRACE_S, free_local_port
 from structtoken_d2.evaluation import SemSegEvaluator
 from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
 
@@ -56,12 +56,6 @@ SMALL_SPLITS = {"train": (8, 0), "val": (5, 1)}
 REGISTERED_SPLITS = dict(shapes.SHAPES_SPLITS)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cfg(output_dir, opts=()):
     cfg = get_cfg()
     add_structtoken_config(cfg)
@@ -72,7 +66,7 @@ def _cfg(output_dir, opts=()):
 
 def _launch_2(worker, *args, timeout_min=1.0):
     """``worker(*args)`` in 2 CPU processes through structtoken_d2's launch."""
-    launch(worker, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=args, timeout=timedelta(minutes=timeout_min))
+    launch(worker, 2, dist_url=f"tcp://127.0.0.1:{free_local_port()}", args=args, timeout=timedelta(minutes=timeout_min))
 
 
 class _WriteAudit:
@@ -226,7 +220,7 @@ def _worker_report_ranks(results_dir):
 
 def test_two_machines_of_one_process_each_get_global_and_local_ranks(tmp_path):
     """--num-machines 2 on localhost: machine 1 in a subprocess, machine 0 here."""
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = f"tcp://127.0.0.1:{free_local_port()}"
     machine_1 = subprocess.Popen(
         [sys.executable, "-c", "import sys; from datetime import timedelta; sys.path.insert(0, 'tests'); "
          "import test_distributed as t; t.launch(t._worker_report_ranks, 1, num_machines=2, machine_rank=1, "
@@ -365,7 +359,7 @@ def test_train_net_under_torchrun_then_resumed_with_num_gpus_2(full_size_shapes,
     ``--num-gpus 2 --resume`` (2 CPU processes started by tools/train_net.py itself)."""
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), "tools/train_net.py"]
+                "127.0.0.1", "--master_port", str(free_local_port()), "tools/train_net.py"]
     first = _train_net(torchrun + ["--config-file", str(SHAPES_CONFIG)] + TINY
                        + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)], full_size_shapes)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -375,7 +369,7 @@ def test_train_net_under_torchrun_then_resumed_with_num_gpus_2(full_size_shapes,
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 1
 
     resumed = _train_net([sys.executable, "tools/train_net.py", "--config-file", str(SHAPES_CONFIG), "--num-gpus", "2",
-                          "--dist-timeout", "1", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--resume"]
+                          "--dist-timeout", "1", "--dist-url", f"tcp://127.0.0.1:{free_local_port()}", "--resume"]
                          + TINY + ["SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out)], full_size_shapes)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "starting 2 CPU processes (gloo backend" in resumed.stderr
@@ -387,3 +381,20 @@ def test_train_net_under_torchrun_then_resumed_with_num_gpus_2(full_size_shapes,
     assert not list(out.rglob("*.rank*"))
     predictions = out / "inference" / "predictions" / "shapes_sem_seg_val"
     assert sorted(p.name for p in predictions.iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_a_user_error_in_every_rank_is_one_line_each_naming_the_rank(tmp_path):
+    """A missing folder dataset under ``--num-gpus 2``: each rank prints the one-line error with its
+    rank, no traceback; the launcher names a failed rank and the job exits with status 1."""
+    missing = tmp_path / "no_such_data"
+    done = _train_net([sys.executable, "tools/train_net.py", "--config-file", str(SHAPES_CONFIG), "--num-gpus", "2",
+                       "--dist-timeout", "1", "--dist-url", f"tcp://127.0.0.1:{free_local_port()}"]
+                      + TINY + ["DATASETS.FOLDER.ROOT", str(missing), "DATASETS.FOLDER.CLASSES", "['a', 'b']",
+                                "DATASETS.TRAIN", "('folder_train',)", "OUTPUT_DIR", str(tmp_path / "run")],
+                      str(tmp_path))
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("train_net.py: error")]
+    assert sorted(line.split(":")[1] for line in errors) == [" error (rank 0 of 2)", " error (rank 1 of 2)"]
+    assert all(f"missing {missing}/images" in line for line in errors)
+    assert "Traceback" not in done.stderr
+    assert re.search(r"train_net.py: rank [01] of 2 failed \(exit code 1\)", done.stderr)

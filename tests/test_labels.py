@@ -50,6 +50,15 @@ def test_valid_labels_with_ignore_are_read_unchanged(tmp_path):
     np.testing.assert_array_equal(read_sem_seg_label(record, K), label)
 
 
+def test_a_label_file_is_opened_once(tmp_path, monkeypatch):
+    label = np.array([[0, 5, 255], [3, 1, 2]], np.uint8)
+    record = _record(tmp_path, label)
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    np.testing.assert_array_equal(read_sem_seg_label(record, K), label)
+    assert len(opened) == 1  # the mode and the pixels from one read (every training sample reads one)
+
+
 def test_16_bit_labels_are_refused_not_wrapped_modulo_256(tmp_path):
     label = np.full((32, 32), 256 + 3, np.uint16)  # read as 3 (wrapped) before
     record = _record(tmp_path, label)

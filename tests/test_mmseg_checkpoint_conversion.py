@@ -188,6 +188,20 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mine.pth"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_converted_checkpoint_has_the_mode_of_an_ordinary_file(tmp_path, overwrite):
+    dst = tmp_path / "converted.pth"
+    if overwrite:
+        dst.write_text("older")
+    old_umask = os.umask(0o022)
+    try:
+        rc, _, err = run_tool(DATA / "authors_cse.pth", dst, "--num-heads", "2", *(["--overwrite"] if overwrite else []))
+    finally:
+        os.umask(old_umask)
+    assert rc == 0, err
+    assert os.stat(dst).st_mode & 0o777 == 0o644  # readable by the group and others, not mkstemp's 0600
+
+
 # ----------------------------------------------------- mmseg-format ViT weights (vit2mmseg)
 def _backbone_cfg(weights):
     cfg = get_cfg()

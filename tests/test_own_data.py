@@ -10,9 +10,12 @@ import torch
 import structtoken_d2  # noqa: F401
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
 from structtoken_d2 import add_structtoken_config
-from structtoken_d2.data.datasets import DatasetNotFoundError, register_folder_dataset
-from structtoken_d2.engine import Trainer
+from structtoken_d2.data.datasets import (
+    DatasetNotFoundError, folder, register_folder_dataset, register_folder_datasets_from_config,
+)
+from structtoken_d2.engine import StructTokenPredictor, Trainer
 from structtoken_d2.engine.dataset_checks import check_datasets
 from structtoken_d2.modeling import ClassCountMismatchError
 from tiny_runs import REPO, SHAPES_CONFIG, load_tool, restored_loggers, tiny_cfg, tiny_opts, write_folder_dataset
@@ -46,9 +49,33 @@ def test_config_registers_a_dataset_per_split(tmp_path):
     root = write_folder_dataset(tmp_path / "data", num_classes=3, splits={"train": 2, "val": 1, "test": 1})
     cfg = tiny_cfg({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": ["bg", "a", "b"],
                     "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3})
+    assert register_folder_datasets_from_config(cfg) == ["folder_test", "folder_train", "folder_val"]
     check_datasets(cfg, ["folder_train", "folder_val", "folder_test"])
     assert [len(DatasetCatalog.get(f"folder_{s}")) for s in ("train", "val", "test")] == [2, 1, 1]
     assert MetadataCatalog.get("folder_val").stuff_classes == ["bg", "a", "b"]
+
+
+def test_checking_datasets_registers_and_loads_nothing(tmp_path, monkeypatch):
+    root = write_folder_dataset(tmp_path / "data", num_classes=3, splits={"train": 2, "val": 1})
+    cfg = tiny_cfg({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": ["bg", "a", "b"],
+                    "DATASETS.TRAIN": ("folder_train",), "DATASETS.TEST": ("folder_val",),
+                    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3})
+    register_folder_datasets_from_config(cfg)
+    loads = []
+    real_load = folder.load_folder_dataset
+    monkeypatch.setattr(folder, "load_folder_dataset", lambda name, *a: loads.append(name) or real_load(name, *a))
+    other = tiny_cfg({"DATASETS.FOLDER.ROOT": str(tmp_path / "elsewhere"), "DATASETS.FOLDER.CLASSES": ["x"]})
+    check_datasets(other, [])  # DATASETS.FOLDER of another config: not registered by a check
+    check_datasets(cfg, ["folder_train", "folder_val"])
+    assert loads == [] and MetadataCatalog.get("folder_val").image_root == str(root / "images/val")
+
+    Trainer(cfg)  # checks the datasets, builds the model and the training loader: loads folder_train once
+    assert loads == ["folder_train"]
+
+    (root / "labels/val").rename(root / "labels/val_moved")  # a missing folder: found without loading
+    with pytest.raises(DatasetNotFoundError, match=r"'folder_val' not found: missing .*labels/val\b"):
+        check_datasets(cfg, ["folder_train", "folder_val"])
+    assert loads == ["folder_train"]
 
 
 @pytest.fixture
@@ -82,6 +109,19 @@ def test_class_count_of_own_data_is_checked_before_building_the_model(tmp_path, 
         ["--config-file", str(SHAPES_CONFIG), "--eval-only"] + [str(o) for o in opts])
     with restored_loggers(), pytest.raises(SystemExit, match="'folder_val' has 3 classes"):
         train_net.main(args)
+
+
+def test_predictor_has_the_metadata_of_a_config_folder_dataset(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", num_classes=3, splits={"val": 1})
+    classes = ["sky", "road", "car"]
+    cfg = tiny_cfg({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": classes,
+                    "DATASETS.TRAIN": (), "DATASETS.TEST": ("folder_val",), "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3})
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(weights)
+    predictor = StructTokenPredictor(cfg)
+    assert predictor.metadata.stuff_classes == classes
 
 
 def test_own_data_and_fine_tuning_to_another_class_count_end_to_end(tmp_path, monkeypatch):

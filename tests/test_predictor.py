@@ -16,7 +16,9 @@ from structtoken_d2 import add_structtoken_config
 from structtoken_d2.data.datasets import register_folder_dataset
 from structtoken_d2.data.transforms import keep_ratio_size
 from structtoken_d2.engine import StructTokenPredictor, Trainer
+from structtoken_d2.engine.predictor import WeightsNotFoundError
 from structtoken_d2.modeling import StructTokenCheckpointer
+from structtoken_d2.modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from tiny_runs import REPO, tiny_cfg
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
@@ -27,6 +29,12 @@ def _evaluation_logits(cfg, dataset_name, model):
     (inputs,) = [batch for batch in Trainer.build_test_loader(cfg, dataset_name)]
     with torch.no_grad():
         return model(inputs)[0]["sem_seg"]
+
+
+def _tta_evaluation_scores(cfg, dataset_name, model):
+    """What ``Trainer.test_with_TTA`` scores: the original image through the TTA wrapper."""
+    (inputs,) = [batch for batch in Trainer.build_test_loader(cfg, dataset_name, resize_to_test_scale=False)]
+    return SemanticSegmentorWithTTA(cfg, model)(inputs)[0]["sem_seg"]
 
 
 @pytest.fixture
@@ -60,6 +68,26 @@ def test_structtoken_predictor_equals_the_evaluation_path(tmp_path, trained, siz
     predicted = StructTokenPredictor(cfg)(image_bgr)["sem_seg"]
     assert predicted.shape == (6, *size)
     torch.testing.assert_close(predicted, expected, rtol=0, atol=0)
+
+
+def test_structtoken_predictor_with_test_aug_equals_the_tta_evaluation(tmp_path, trained):
+    cfg, model = trained
+    cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.RATIOS, cfg.TEST.AUG.FLIP = True, [0.75, 1.25], True
+    image_bgr = _one_image_dataset(tmp_path, "test_predictor_tta", (45, 71))
+    expected = _tta_evaluation_scores(cfg, "test_predictor_tta", model)
+    plain = _evaluation_logits(cfg, "test_predictor_tta", model)
+    predicted = StructTokenPredictor(cfg)(image_bgr)["sem_seg"]
+    assert predicted.shape == (6, 45, 71)
+    torch.testing.assert_close(predicted.sum(0), torch.ones(45, 71))  # probabilities, not logits
+    assert not torch.equal(predicted.argmax(0), plain.argmax(0))  # TTA changes the prediction here
+    torch.testing.assert_close(predicted, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights", ["", "no/such/model_final.pth"])
+def test_predictor_without_a_weights_file_is_refused(weights):
+    cfg = tiny_cfg({"DATASETS.TRAIN": (), "DATASETS.TEST": (), "MODEL.WEIGHTS": weights})
+    with pytest.raises(WeightsNotFoundError, match=f"MODEL.WEIGHTS '{weights}' is not a file"):
+        StructTokenPredictor(cfg)
 
 
 def test_detectron2_default_predictor_equals_the_evaluation_path_at_the_test_scale(tmp_path, trained):

@@ -113,7 +113,7 @@ def test_overlapping_windows_are_averaged():
     model = build().eval()
     weight = torch.randn(K, 3, 1, 1)
     model.decode = lambda x: F.conv2d(x, weight)  # full-resolution logits ...
-    model._resize_logits = lambda logits, size: logits  # ... that need no resizing
+    model.resize_logits = lambda logits, size: logits  # ... that need no resizing
     images = torch.rand(1, 3, 150, 100) * 255
     assert len(model.slide_windows(150, 100)) == 8  # 4 rows x 2 columns, overlapping
     with torch.no_grad():
@@ -129,10 +129,24 @@ def test_slide_averages_the_real_model_windows():
     with torch.no_grad():
         slide = model.inference_logits(images, "slide")
         x = model.normalize(images)
-        left, right = model._whole_inference(x[..., :64]), model._whole_inference(x[..., 36:])
+        left, right = (model.resize_logits(model.decode(w), w.shape[-2:]) for w in (x[..., :64], x[..., 36:]))
     expected = torch.cat((left[..., :36], (left[..., 36:] + right[..., :28]) / 2, right[..., 28:]), dim=-1)
     torch.testing.assert_close(slide, expected)
     assert not torch.allclose(left[..., 36:], right[..., :28])  # the windows do disagree on the overlap
+
+
+@pytest.mark.parametrize("rule,resized_width", [("aligned", 64), ("mmseg", 50)])
+def test_resize_logits_follows_the_logits_resize_rule(rule, resized_width):
+    """Head logits [2, K, 3, 4] that equal their column index, to (40, 50): bilinear (align_corners
+    False) reads column (x + 0.5) * 4 / W - 0.5 of the ramp, clamped to [0, 3], where W is the padded
+    width 4 * 16 = 64 cropped to 50 ("aligned") or 50 itself ("mmseg")."""
+    model = build(**{"TEST.LOGITS_RESIZE": rule})
+    logits = torch.arange(4, dtype=torch.float64).expand(2, K, 3, 4)
+    out = model.resize_logits(logits, (40, 50))
+    assert out.shape == (2, K, 40, 50) and out.dtype == torch.float32
+    x = torch.arange(50, dtype=torch.float64)
+    expected = ((x + 0.5) * 4 / resized_width - 0.5).clamp(0, 3)
+    torch.testing.assert_close(out.double(), expected.expand(2, K, 40, 50), atol=1e-6, rtol=0)
 
 
 def test_inference_logits_takes_unnormalised_images_of_any_dtype():
@@ -140,7 +154,8 @@ def test_inference_logits_takes_unnormalised_images_of_any_dtype():
     images = torch.randint(0, 256, (2, 3, 33, 47), dtype=torch.uint8)
     with torch.no_grad():
         logits = model.inference_logits(images, "whole")
-        manual = model._whole_inference((images.float() - 127.5) / 127.5)
+        x = (images.float() - 127.5) / 127.5
+        manual = model.resize_logits(model.decode(x), (33, 47))
     assert logits.shape == (2, K, 33, 47)
     torch.testing.assert_close(logits, manual)
     with pytest.raises(ValueError, match="inference mode"):

@@ -1,38 +1,15 @@
-"""Training: optimizer groups, lr schedule, mixed precision, and a 2-iteration run that resumes."""
-import importlib.util
-from pathlib import Path
-
+"""Training: optimizer groups, lr schedule, mixed precision, a 2-iteration run that resumes, and
+which evaluations a run makes."""
 import pytest
 import torch
 from torch import nn
 
 import structtoken_d2  # noqa: F401
-from detectron2.config import get_cfg
-from detectron2.engine import HookBase
-from detectron2.utils.events import EventStorage
 from detectron2.solver import LRMultiplier
-from structtoken_d2 import add_structtoken_config
+from detectron2.utils.events import EventStorage, get_event_storage
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import MixedPrecisionTrainer, Trainer, WarmupPolyParamScheduler
-
-REPO = Path(__file__).resolve().parents[1]
-SHAPES_CONFIG = REPO / "configs/synthetic/structtoken_shapes.yaml"
-
-
-def tiny_cfg(output_dir, max_iter=2):
-    """The synthetic config shrunk to a 1-block, 32-channel model on 32 x 32 crops."""
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(str(SHAPES_CONFIG))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.VIT.EMBED_DIM", 32, "MODEL.VIT.DEPTH", 1, "MODEL.VIT.NUM_HEADS", 2,
-        "MODEL.VIT.IMG_SIZE", [32, 32], "MODEL.STRUCTTOKEN.NUM_BLOCKS", 1, "MODEL.STRUCTTOKEN.TOKEN_SIZE", [2, 2],
-        "INPUT.CROP.SIZE", [32, 32], "INPUT.RESIZE_SCALE", [32, 32], "SOLVER.IMS_PER_BATCH", 2,
-        "SOLVER.MAX_ITER", max_iter, "SOLVER.WARMUP_ITERS", 1, "SOLVER.CHECKPOINT_PERIOD", 1000,
-        "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0, "TEST.AUG.ENABLED", False,
-        "OUTPUT_DIR", str(output_dir),
-    ])
-    return cfg
+from tiny_runs import SHAPES_CONFIG, Interrupt, load_tool, tiny_cfg
 
 
 @pytest.fixture
@@ -41,24 +18,12 @@ def tiny_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (6, 0), "val": (2, 1)})
 
 
-class _Interrupt(HookBase):
-    """Stops training with an exception after ``after_iter`` (like Ctrl-C), after the checkpointer ran."""
-
-    def __init__(self, after_iter):
-        self.after_iter = after_iter
-
-    def after_step(self):
-        if self.trainer.iter == self.after_iter:
-            raise KeyboardInterrupt
-
-
 def test_two_iterations_write_a_checkpoint_that_resumes_to_iteration_three(tiny_shapes, tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_cfg(out, max_iter=3)
-    cfg.SOLVER.CHECKPOINT_PERIOD = 2
+    cfg = tiny_cfg({"SOLVER.MAX_ITER": 3, "SOLVER.CHECKPOINT_PERIOD": 2, "OUTPUT_DIR": str(out)})
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.register_hooks([_Interrupt(after_iter=1)])
+    trainer.register_hooks([Interrupt(after_iter=1)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
@@ -79,8 +44,31 @@ def test_two_iterations_write_a_checkpoint_that_resumes_to_iteration_three(tiny_
     assert not torch.equal(final["model"]["sem_seg_head.tokens"], tokens_after_two)
 
 
+@pytest.mark.parametrize("period, max_iter, eval_after_train, evaluated, evaluated_tta", [
+    (1, 2, True, [0, 2], [2]),
+    (1, 2, False, [0, 2], []),  # the evaluation due at the last iteration is periodic: it runs
+    (2, 3, False, [1], []),  # only the one after training is skipped
+])
+def test_periodic_evaluations_all_run_and_eval_after_train_adds_the_final_ones(
+        tiny_shapes, tmp_path, monkeypatch, period, max_iter, eval_after_train, evaluated, evaluated_tta):
+    """The iterations (of the event storage: the number of iterations done when after training) at
+    which the plain and the test-time-augmentation evaluations run."""
+    done = {"plain": [], "TTA": []}
+
+    def recorder(kind):
+        return classmethod(lambda cls, cfg, model, evaluators=None: done[kind].append(get_event_storage().iter) or {})
+
+    monkeypatch.setattr(Trainer, "test", recorder("plain"))
+    monkeypatch.setattr(Trainer, "test_with_TTA", recorder("TTA"))
+    trainer = Trainer(tiny_cfg({"SOLVER.MAX_ITER": max_iter, "TEST.EVAL_PERIOD": period, "TEST.AUG.ENABLED": True,
+                                "TEST.EVAL_AFTER_TRAIN": eval_after_train, "OUTPUT_DIR": str(tmp_path)}))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert done == {"plain": evaluated, "TTA": evaluated_tta}
+
+
 def test_param_groups_weight_decay_and_head_lr(tiny_shapes, tmp_path):
-    cfg = tiny_cfg(tmp_path)
+    cfg = tiny_cfg({"OUTPUT_DIR": str(tmp_path)})
     cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.HEAD_LR_MULTIPLIER = 0.1, 0.01, 8.0
     model = Trainer.build_model(cfg)
     optimizer = Trainer.build_optimizer(cfg, model)
@@ -146,9 +134,7 @@ def test_mixed_precision_step_runs_under_autocast_bfloat16_on_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_train_net_falls_back_to_cpu_without_gpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "tools/train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net")
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(SHAPES_CONFIG), "OUTPUT_DIR", str(tmp_path)]
     )

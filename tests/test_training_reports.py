@@ -4,23 +4,19 @@ import csv
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import structtoken_d2  # noqa: F401
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from structtoken_d2 import add_structtoken_config
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
 from structtoken_d2.engine.metrics_plot_hook import MetricsPlotHook
 from structtoken_d2.evaluation import SemSegEvaluator
+from tiny_runs import tiny_cfg
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES_CONFIG = REPO / "configs/synthetic/structtoken_shapes.yaml"
 CLASSES = ["sky", "road", "car", "tree"]
 
 
@@ -92,17 +88,8 @@ def test_training_logs_multi_scale_flip_results_and_draws_its_curves(tmp_path, m
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (4, 0), "val": (2, 1)})
     out = tmp_path / "run"
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(str(SHAPES_CONFIG))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.VIT.EMBED_DIM", 32, "MODEL.VIT.DEPTH", 1, "MODEL.VIT.NUM_HEADS", 2,
-        "MODEL.VIT.IMG_SIZE", [32, 32], "MODEL.STRUCTTOKEN.NUM_BLOCKS", 1, "MODEL.STRUCTTOKEN.TOKEN_SIZE", [2, 2],
-        "INPUT.CROP.SIZE", [32, 32], "INPUT.RESIZE_SCALE", [32, 32], "SOLVER.IMS_PER_BATCH", 2,
-        "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 1, "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0,
-        "TEST.SCALE", [32, 32], "TEST.SLIDE_CROP_SIZE", [32, 32], "TEST.SLIDE_STRIDE", [21, 21],
-        "TEST.AUG.ENABLED", True, "TEST.AUG.RATIOS", [1.0], "TEST.PREDICTION_IMAGES", 1, "OUTPUT_DIR", str(out),
-    ])
+    cfg = tiny_cfg({"TEST.AUG.ENABLED": True, "TEST.AUG.RATIOS": [1.0], "TEST.PREDICTION_IMAGES": 1,
+                    "OUTPUT_DIR": str(out)})
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()

@@ -1,5 +1,6 @@
-"""Helpers of the tests that run the tools end to end: a tiny model config, a generated folder
-dataset, loading a tool as a module, and loggers restored after a test that sets them up."""
+"""Helpers of the tests that train or run the tools end to end: a tiny model config, a generated
+folder dataset, a hook that interrupts training, loading a tool as a module, and loggers restored
+after a test that sets them up."""
 import contextlib
 import importlib.util
 import logging
@@ -10,6 +11,7 @@ import numpy as np
 
 import structtoken_d2  # noqa: F401
 from detectron2.config import get_cfg
+from detectron2.engine import HookBase
 from structtoken_d2 import add_structtoken_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,18 @@ def write_folder_dataset(root: Path, num_classes: int, splits=None, size=(24, 40
             cv2.imwrite(str(root / "images" / split / f"{i}.png"), image)
             cv2.imwrite(str(root / "labels" / split / f"{i}.png"), label)
     return root
+
+
+class Interrupt(HookBase):
+    """Stops training with a KeyboardInterrupt (like Ctrl-C) after iteration ``after_iter``, once
+    the checkpointer has run."""
+
+    def __init__(self, after_iter):
+        self.after_iter = after_iter
+
+    def after_step(self):
+        if self.trainer.iter == self.after_iter:
+            raise KeyboardInterrupt
 
 
 def load_tool(name: str):

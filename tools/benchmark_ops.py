@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
 from structtoken_d2 import ops
 from structtoken_d2.ops import reference
-from structtoken_d2.ops.timing import Roofline, device_roofline, median_seconds, peak_memory_bytes
+from structtoken_d2.ops.timing import Roofline, device_label, device_roofline, median_seconds, peak_memory_bytes
 
 # (B, M, C, N): tokens [B, M, N] attend over C feature slices of length N = H*W.
 SLICE_PRESETS = {
@@ -204,7 +204,7 @@ def module_cases(projection_presets, head_presets, device, dtype) -> List[Case]:
 def measure(cases: Sequence[Case], device, dtype, roofline: Roofline, iters: int, warmup: int) -> List[Row]:
     times = {}
     rows = []
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    label = device_label(device)
     for case in cases:
         seconds = median_seconds(case.fn, device, iters, warmup)
         times[(case.op, case.preset, case.mode, case.impl)] = seconds

@@ -9,7 +9,8 @@
 
 Each panel is saved as ``<output>/<image name>_pred.png``; a name already taken (an input, an
 earlier output, another input of the same name) gets ``_1``, ``_2``, ...: no file is ever
-overwritten. ``--tta`` predicts with multi-scale + flip test-time augmentation (TEST.AUG.*).
+overwritten. Predictions are :class:`StructTokenPredictor`'s (the evaluation's); ``--tta`` adds
+multi-scale + flip test-time augmentation (TEST.AUG.*; without it, none, whatever TEST.AUG.ENABLED).
 """
 import argparse
 import os
@@ -23,13 +24,12 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from structtoken_d2 import add_structtoken_config
-from structtoken_d2.data import build_dataset_mapper, read_image_file, read_sem_seg_label
-from structtoken_d2.engine import Trainer
+from structtoken_d2.data import read_image_file, read_sem_seg_label
+from structtoken_d2.data.datasets import register_folder_datasets_from_config
+from structtoken_d2.engine import StructTokenPredictor
 from structtoken_d2.engine.dataset_checks import check_datasets
 from structtoken_d2.engine.user_errors import exit_on_user_error
 from structtoken_d2.evaluation import prediction_panel
-from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
-from structtoken_d2.modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from structtoken_d2.output_files import save_new_file
 
 
@@ -60,33 +60,28 @@ def main():
     cfg.merge_from_list(args.opts)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    cfg.TEST.AUG.ENABLED = args.tta  # the predictor's test-time augmentation: --tta's, not the config's
     cfg.freeze()
     for name in ("detectron2", "structtoken_d2"):
         setup_logger(name=name)
-    if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
-        sys.exit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is not a file: pass MODEL.WEIGHTS path/to/model_final.pth")
+    register_folder_datasets_from_config(cfg)  # DATASETS.FOLDER datasets: their classes name the colours
     if args.dataset:
         check_datasets(cfg, [args.dataset])  # registered, on disk, K classes: before building the model
         records = DatasetCatalog.get(args.dataset)[: args.num]
+        if not records:
+            sys.exit(f"Dataset '{args.dataset}' has no images")
         meta = MetadataCatalog.get(args.dataset)
     else:
-        check_datasets(cfg, [])  # registers DATASETS.FOLDER datasets, whose classes name the colours
         records = [{"file_name": path} for path in args.input]
         if not cfg.DATASETS.TEST:
             sys.exit("DATASETS.TEST is empty: name the dataset whose classes and colours to use")
         meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
 
-    model = Trainer.build_model(cfg)
-    StructTokenCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    predictor = SemanticSegmentorWithTTA(cfg, model) if args.tta else model
-    mapper = build_dataset_mapper(cfg, is_train=False, resize_to_test_scale=not args.tta)
+    predictor = StructTokenPredictor(cfg)
     num_classes = len(meta.stuff_classes)
     for record in records:
-        inp = mapper(record)
-        with torch.no_grad():
-            pred = predictor([inp])[0]["sem_seg"].argmax(0).cpu().numpy()
         image = read_image_file(record["file_name"], format="RGB")
+        pred = predictor(image[:, :, ::-1])["sem_seg"].argmax(0).cpu().numpy()
         gt = read_sem_seg_label(record, num_classes) if "sem_seg_file_name" in record else None
         panel = prediction_panel(image, pred, meta.stuff_colors, gt, meta.stuff_classes)[:, :, ::-1]
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]

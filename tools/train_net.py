@@ -22,6 +22,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from structtoken_d2 import add_structtoken_config
+from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import ProcessFailedError, Trainer, add_launch_arguments, launch, setup_process
 from structtoken_d2.engine.dataset_checks import check_datasets, datasets_used
 from structtoken_d2.engine.user_errors import exit_on_user_error
@@ -50,6 +51,7 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        register_folder_datasets_from_config(cfg)  # (Trainer does it when training)
         check_datasets(cfg, datasets_used(cfg, training=False))  # seconds, before building the model
         model = Trainer.build_model(cfg)
         StructTokenCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

@@ -30,19 +30,19 @@ import glob
 import os
 import sys
 
-import numpy as np
 import torch
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from structtoken_d2 import add_structtoken_config
-from structtoken_d2.data import build_dataset_mapper, read_image_file, read_sem_seg_label
-from structtoken_d2.data.datasets import IGNORE_LABEL
-from structtoken_d2.engine import Trainer
+from structtoken_d2.data import read_image_file, read_sem_seg_label
+from structtoken_d2.data.datasets import IGNORE_LABEL, register_folder_datasets_from_config
+from structtoken_d2.data.datasets.folder import IMAGE_EXTENSIONS
+from structtoken_d2.engine import StructTokenPredictor
 from structtoken_d2.engine.dataset_checks import check_datasets
 from structtoken_d2.engine.user_errors import exit_on_user_error
-from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
+from structtoken_d2.evaluation import shown_classes
 from structtoken_d2.output_files import save_new_file
 from structtoken_d2.visualization import (
     COLOUR_SCALES,
@@ -53,8 +53,6 @@ from structtoken_d2.visualization import (
     token_map_figure,
     write_concentration,
 )
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def parse_args(argv=None):
@@ -83,7 +81,8 @@ def input_records(paths, gt_dir):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(f for f in glob.glob(os.path.join(path, "*"))
+                           if os.path.splitext(f)[1].lower().lstrip(".") in IMAGE_EXTENSIONS)
             if not found:
                 sys.exit(f"--input {path}: no image ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
             files += found
@@ -110,16 +109,6 @@ def class_ids_from_names(names, class_names):
     return [class_names.index(n) for n in names]
 
 
-def load_model(cfg):
-    if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
-        sys.exit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is not a file: pass MODEL.WEIGHTS path/to/model_final.pth")
-    model = Trainer.build_model(cfg)
-    StructTokenCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    if not hasattr(model, "sem_seg_head") or not hasattr(model.sem_seg_head, "layers"):
-        sys.exit(f"{cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.SEM_SEG_HEAD.NAME}: not a StructToken model")
-    return model.eval()
-
-
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -132,13 +121,17 @@ def main(argv=None):
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.COMPILE = False  # the maps are read with forward hooks on the eager blocks
+    cfg.TEST.AUG.ENABLED = False  # the maps are of one whole-image pass at the test scale
     cfg.freeze()
 
-    check_datasets(cfg, [args.dataset] if args.dataset else [])  # also registers DATASETS.FOLDER datasets
+    register_folder_datasets_from_config(cfg)
+    check_datasets(cfg, [args.dataset] if args.dataset else [])
     if not args.dataset and not cfg.DATASETS.TEST:
         sys.exit("DATASETS.TEST is empty: name the dataset whose classes and colours to use")
     meta = MetadataCatalog.get(args.dataset or cfg.DATASETS.TEST[0])
     records = DatasetCatalog.get(args.dataset) if args.dataset else input_records(args.input, args.gt)
+    if not records:
+        sys.exit(f"Dataset '{args.dataset}' has no images")
     class_names, colors = list(meta.stuff_classes), meta.stuff_colors
     ignore_label = getattr(meta, "ignore_label", IGNORE_LABEL)
     chosen = class_ids_from_names(args.classes, class_names) if args.classes else None
@@ -148,12 +141,14 @@ def main(argv=None):
         sys.exit("--measure needs ground truth: use --dataset, or --input with --gt")
     todo = records if args.measure else records[:num_figures]
 
-    model = load_model(cfg)
-    mapper = build_dataset_mapper(cfg, is_train=False)
+    predictor = StructTokenPredictor(cfg)  # its model, and the evaluation's preprocessing
+    if not hasattr(predictor.model, "sem_seg_head") or not hasattr(predictor.model.sem_seg_head, "layers"):
+        sys.exit(f"{cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.SEM_SEG_HEAD.NAME}: not a StructToken model")
     meters = {}
     written = []
     for i, record in enumerate(todo):
-        result = predict_token_maps(model, mapper(record))
+        image = read_image_file(record["file_name"], format="RGB")
+        result = predict_token_maps(predictor.model, predictor.model_input(image[:, :, ::-1]))
         if not meters:
             meters = {name: ConcentrationMeter(result.names, class_names, ignore_label, centred)
                       for name, centred in MEASURES.items()}
@@ -164,8 +159,7 @@ def main(argv=None):
             fractions = shares["positive mass"].numpy()
         if i < num_figures:
             pred = result.logits.argmax(0).numpy()
-            ids = chosen or sorted(set(np.unique(gt if gt is not None else pred).tolist()) - {ignore_label})
-            image = read_image_file(record["file_name"], format="RGB")
+            ids = chosen or shown_classes(gt if gt is not None else pred, ignore_label=ignore_label)
             fig = token_map_figure(image, pred, result.maps.numpy(), result.names, ids, class_names, colors, gt,
                                    fractions, title=os.path.basename(record["file_name"]), scale=args.scale)
             name = os.path.splitext(os.path.basename(record["file_name"]))[0] + "_tokens.png"

@@ -1,11 +1,12 @@
 """Reading a dataset record's files with errors that name the file: the image, and the
 ground-truth label map shared by the mapper, the evaluator and the demo so that every consumer
 sees the same, checked labels."""
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 from detectron2.data import detection_utils
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .datasets.registration import IGNORE_LABEL
 
@@ -17,16 +18,23 @@ class DataFileError(ValueError):
     """An image or label file that cannot be used; the one-line message names the file and says why."""
 
 
-def read_image_file(path: str, format: Optional[str] = None) -> np.ndarray:
-    """``detection_utils.read_image(path, format)``, raising :class:`DataFileError` naming ``path``
-    when it is missing or not an image."""
+@contextmanager
+def _errors_naming(path: str) -> Iterator[None]:
+    """Turns PIL's errors on reading ``path`` into a one-line :class:`DataFileError` naming it."""
     try:
-        return detection_utils.read_image(path, format=format)
+        yield
     except FileNotFoundError:
         raise DataFileError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"unreadable image ({e})"
         raise DataFileError(f"{path}: {reason}") from None
+
+
+def read_image_file(path: str, format: Optional[str] = None) -> np.ndarray:
+    """``detection_utils.read_image(path, format)``, raising :class:`DataFileError` naming ``path``
+    when it is missing or not an image."""
+    with _errors_naming(path):
+        return detection_utils.read_image(path, format=format)
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -67,20 +75,15 @@ def read_sem_seg_label(
     ``ignore_label``. Pipeline callers pass K; ``None`` skips the range check.
     """
     path = dataset_dict["sem_seg_file_name"]
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-    except FileNotFoundError:
-        raise DataFileError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        raise DataFileError(f"{path}: not an image file") from None
-    if mode not in LABEL_MODES:
-        raise DataFileError(
-            f"{path}: label maps must be 8-bit single-channel images of train ids (PIL mode L or P), this one "
-            f"is mode {mode}: convert it, e.g. cv2.imwrite(path, label.astype(np.uint8)) after checking its values "
-            f"are 0..K-1 or {IGNORE_LABEL}"
-        )
-    label = read_image_file(path).astype(np.uint8)
+    with _errors_naming(path), Image.open(path) as image:  # one read: the mode, then the pixels
+        if image.mode not in LABEL_MODES:
+            raise DataFileError(
+                f"{path}: label maps must be 8-bit single-channel images of train ids (PIL mode L or P), this "
+                f"one is mode {image.mode}: convert it, e.g. cv2.imwrite(path, label.astype(np.uint8)) after "
+                f"checking its values are 0..K-1 or {IGNORE_LABEL}"
+            )
+        ImageOps.exif_transpose(image, in_place=True)  # as detection_utils.read_image turns the image
+        label = np.array(image, dtype=np.uint8)  # writable: consumers may change it in place
     if label.ndim != 2:
         raise DataFileError(f"{path}: a label map must be a single-channel PNG of train ids, got shape {label.shape}")
     reduce = dataset_dict.get("reduce_zero_label", False)

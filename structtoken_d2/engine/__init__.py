@@ -1,10 +1,10 @@
 """Training: trainer, optimizer, learning-rate schedule, mixed precision, and the launch and set-up
-of its processes."""
-from .launch import ProcessFailedError, add_launch_arguments, launch, started_by_torchrun
+of its processes; inference with a trained model."""
+from .launch import ProcessFailedError, add_launch_arguments, launch
 from .lr_scheduler import WarmupPolyParamScheduler, build_lr_scheduler
 from .mixed_precision import MixedPrecisionTrainer
 from .optimizer import build_optimizer, build_param_groups
-from .predictor import StructTokenPredictor
+from .predictor import StructTokenPredictor, load_trained_model
 from .process_setup import setup_process
 from .trainer import Trainer
 
@@ -19,6 +19,6 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "launch",
+    "load_trained_model",
     "setup_process",
-    "started_by_torchrun",
 ]

@@ -12,6 +12,7 @@ When a process fails (an exception, or killed), the launcher stops the others on
 stop when their next collective fails, at the latest after the collective timeout.
 """
 import argparse
+import faulthandler
 import functools
 import logging
 import multiprocessing
@@ -103,7 +104,7 @@ def _launch_cpu_processes(main_func, num_processes, num_machines, machine_rank, 
     if dist_url == "auto":
         if num_machines > 1:
             raise ValueError("--dist-url auto works on one machine only: give tcp://HOST:PORT of machine 0")
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{free_local_port()}"
     threads = _threads_per_process(num_processes)
     print(
         f"No CUDA GPU: starting {num_processes} CPU processes (gloo backend, {threads} thread(s) each) "
@@ -120,9 +121,10 @@ def _launch_cpu_processes(main_func, num_processes, num_machines, machine_rank, 
         pass
 
 
-def _free_port() -> int:
+def free_local_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (the system picks it)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # the system picks a free port
+        sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
@@ -135,6 +137,7 @@ def _threads_per_process(num_processes: int) -> int:
 
 
 def _cpu_worker(local_rank, main_func, num_processes, num_machines, machine_rank, dist_url, args, timeout, threads):
+    faulthandler.enable()  # a process killed by a signal (SIGABRT, SIGSEGV) prints its Python stack
     torch.set_num_threads(threads)
     # Data-loader workers are forked from this process, as in a single-process run: spawned ones (what
     # this spawned process would otherwise use) re-import everything before they unpickle the dataset,
@@ -149,7 +152,7 @@ def _cpu_worker(local_rank, main_func, num_processes, num_machines, machine_rank
         raise
     _finish_group_setup(num_processes)
     main_func(*args)
-    dist.destroy_process_group()
+    _end_group()
 
 
 def _run_in_torchrun_process(main_func, args, timeout):
@@ -165,7 +168,7 @@ def _run_in_torchrun_process(main_func, args, timeout):
     dist.init_process_group(backend, init_method="env://", timeout=timeout)
     _finish_group_setup(local_size)
     result = record(functools.partial(_record_first_failure, main_func, None))(*args)
-    dist.destroy_process_group()
+    _end_group()
     return result
 
 
@@ -182,18 +185,32 @@ def _finish_group_setup(num_processes_per_machine: int) -> None:
     comm.synchronize()
 
 
+def _end_group() -> None:
+    """After ``main_func`` returned in every process: a barrier, so that no process closes its
+    connections while another still works (its last files, say), then every process group destroyed
+    while the interpreter is whole (``comm``'s per-machine group let go first)."""
+    comm.synchronize()
+    comm._LOCAL_PROCESS_GROUP = None
+    dist.destroy_process_group()
+
+
 def _record_first_failure(main_func, first_failure, *args):
-    """``main_func(*args)``; on an exception, logs it with this process's rank and, unless another
-    process failed before, stores the rank in the shared ``first_failure``."""
+    """``main_func(*args)``; when it raises, or exits with a non-zero status (a tool's one-line user
+    error, :func:`~structtoken_d2.engine.user_errors.exit_on_user_error`), stores this process's rank in
+    the shared ``first_failure`` unless another process failed before; an exception is logged with
+    the rank and its traceback."""
     try:
         return main_func(*args)
-    except Exception:
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            raise
         rank = comm.get_rank()
         if first_failure is not None:
             with first_failure.get_lock():
                 if first_failure.value < 0:
                     first_failure.value = rank
-        logger.error("Rank %d of %d failed:", rank, comm.get_world_size(), exc_info=True)
+        if not isinstance(e, SystemExit):  # an exit printed its message
+            logger.error("Rank %d of %d failed:", rank, comm.get_world_size(), exc_info=True)
         raise
 
 

@@ -32,7 +32,7 @@ from detectron2.utils.events import EventStorage
 
 from .. import ops
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
-from ..ops.timing import CallTimes, interleaved_times, peak_memory_bytes, peak_rss_bytes
+from ..ops.timing import CallTimes, device_label, interleaved_times, peak_memory_bytes, peak_rss_bytes
 from .optimizer import build_optimizer
 from .trainer import Trainer
 
@@ -87,12 +87,6 @@ class Row:
     peak_mem_mib: Optional[float]
     warmup_s: float
     iters: int
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def training_crop_size(cfg) -> Tuple[int, int]:

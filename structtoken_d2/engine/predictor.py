@@ -1,4 +1,5 @@
-"""A Detectron2 ``DefaultPredictor`` that predicts exactly as the evaluation does."""
+"""Inference with a trained model: :func:`load_trained_model` (what the tools use) and
+:class:`StructTokenPredictor`, a Detectron2 ``DefaultPredictor`` that predicts as the evaluation does."""
 import os
 from typing import Dict
 
@@ -7,46 +8,82 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
+from torch import nn
 
 from ..data import build_dataset_mapper
+from ..data.datasets import register_folder_datasets_from_config
 from ..modeling.checkpoint import StructTokenCheckpointer
+from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
+from .trainer import Trainer
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """``MODEL.WEIGHTS`` is empty or names no file, where a trained model is needed."""
+
+
+def load_trained_model(cfg) -> nn.Module:
+    """``cfg``'s model (:meth:`Trainer.build_model`) with the weights ``MODEL.WEIGHTS`` (a file, or a
+    URL Detectron2's checkpointer fetches) loaded by :class:`StructTokenCheckpointer`, which refuses
+    a checkpoint of another class count; in eval mode. Raises :class:`WeightsNotFoundError` when
+    ``MODEL.WEIGHTS`` is empty or not a file."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or ("://" not in weights and not os.path.isfile(weights)):
+        raise WeightsNotFoundError(f"MODEL.WEIGHTS {weights!r} is not a file: pass MODEL.WEIGHTS "
+                                   f"path/to/model_final.pth (a trained model)")
+    model = Trainer.build_model(cfg)
+    StructTokenCheckpointer(model).load(weights)
+    return model.eval()
 
 
 class StructTokenPredictor(DefaultPredictor):
-    """``DefaultPredictor`` whose preprocessing is the evaluation's: the test mapper's transforms
-    (keep-ratio resize to ``TEST.SCALE``, with the same interpolation) instead of Detectron2's
-    ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, and weights loaded with the
-    class-count check of :class:`StructTokenCheckpointer`. So its prediction equals the one the
-    evaluation scores for the same image.
+    """``DefaultPredictor`` that predicts as ``tools/train_net.py --eval-only`` evaluates, so its
+    prediction equals the one the evaluation scores for the same image:
+
+    - preprocessing: the test mapper's (keep-ratio resize to ``TEST.SCALE``, with OpenCV's
+      interpolation) instead of Detectron2's ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``;
+    - with ``TEST.AUG.ENABLED``, multi-scale + flip test-time augmentation
+      (:class:`SemanticSegmentorWithTTA` on the original image): ``"sem_seg"`` then holds mean
+      probabilities instead of logits (the same argmax use);
+    - weights: :func:`load_trained_model` (a missing file or another class count is an error).
+
+    It does not call ``DefaultPredictor.__init__`` (which would build and load a second model), but
+    sets the same attributes: ``cfg``, ``model`` (the segmentor, or its TTA wrapper), ``metadata``
+    (of ``DATASETS.TEST[0]``, when there is one), ``input_format`` and ``aug``: here a
+    ``T.AugmentationList`` (empty with TTA), applied as ``aug(T.AugInput(image))`` (an
+    ``AugmentationList`` has no ``get_transform``).
 
     ::
 
         predictor = StructTokenPredictor(cfg)             # cfg.MODEL.WEIGHTS: a trained model
-        logits = predictor(cv2.imread("x.jpg"))["sem_seg"]  # [K, H, W] at the image's size
-        classes = logits.argmax(0)                          # [H, W] train ids
+        scores = predictor(cv2.imread("x.jpg"))["sem_seg"]  # [K, H, W] at the image's size
+        classes = scores.argmax(0)                          # [H, W] train ids
     """
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
-        if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (a trained model_final.pth)")
-        self.model = build_model(self.cfg)
-        self.model.eval()
-        if len(cfg.DATASETS.TEST):
-            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        StructTokenCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
-        self.augmentations = build_dataset_mapper(self.cfg, is_train=False).augmentations
+        register_folder_datasets_from_config(self.cfg)  # DATASETS.FOLDER datasets: metadata, class count
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        model = load_trained_model(self.cfg)
+        tta = cfg.TEST.AUG.ENABLED
+        self.model = (SemanticSegmentorWithTTA(self.cfg, model) if tta else model).eval()
+        self.aug = build_dataset_mapper(self.cfg, is_train=False, resize_to_test_scale=not tta).augmentations
+
+    def model_input(self, original_image: np.ndarray) -> Dict:
+        """``original_image`` [H, W, 3] uint8 BGR ``->`` the model's input dict, as the test mapper
+        makes it from the image's file: ``"image"`` [3, h, w] uint8 in ``INPUT.FORMAT`` (resized
+        by :attr:`aug`), ``"height"`` H, ``"width"`` W."""
+        image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(np.ascontiguousarray(image))
+        self.aug(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
 
     def __call__(self, original_image: np.ndarray) -> Dict[str, torch.Tensor]:
-        """``original_image`` [H, W, 3] uint8 BGR (as ``cv2.imread``) -> ``{"sem_seg": logits [K, H, W]}``."""
+        """``original_image`` [H, W, 3] uint8 BGR (as ``cv2.imread``) -> ``{"sem_seg": [K, H, W]}``."""
         with torch.no_grad():
-            image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
-            height, width = image.shape[:2]
-            aug_input = T.AugInput(np.ascontiguousarray(image))
-            self.augmentations(aug_input)
-            tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
+            return self.model([self.model_input(original_image)])[0]

@@ -14,6 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from .. import ops
 from ..data import build_dataset_mapper
+from ..data.datasets import register_folder_datasets_from_config
 from ..evaluation import PredictionImageWriter, SemSegEvaluator
 from ..modeling.checkpoint import StructTokenCheckpointer
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
@@ -35,6 +36,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("structtoken_d2").isEnabledFor(logging.INFO):
             setup_logger(distributed_rank=comm.get_rank(), name="structtoken_d2")
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        register_folder_datasets_from_config(cfg)
         check_datasets(cfg, datasets_used(cfg, training=True))  # seconds, before building the model
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -66,18 +68,20 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["step_trainer"])
 
     def build_hooks(self):
-        """Detectron2's hooks, plus: with ``TEST.AUG.ENABLED`` a multi-scale + flip evaluation after
-        training, placed before the writers so its results reach ``metrics.json`` / TensorBoard as
-        ``<dataset>_TTA/sem_seg/*``; then (main process) the curves ``OUTPUT_DIR/curves.png``."""
+        """Detectron2's hooks, plus: with ``TEST.AUG.ENABLED`` (and ``TEST.EVAL_AFTER_TRAIN``) a
+        multi-scale + flip evaluation after training, placed before the writers so its results reach
+        ``metrics.json`` / TensorBoard as ``<dataset>_TTA/sem_seg/*``; then (main process) the curves
+        ``OUTPUT_DIR/curves.png``. Without ``TEST.EVAL_AFTER_TRAIN``, Detectron2's evaluation hook is
+        a :class:`PeriodicEvalHook`."""
         ret = super().build_hooks()
-        if self.cfg.TEST.AUG.ENABLED:
+        if not self.cfg.TEST.EVAL_AFTER_TRAIN:
+            ret = [PeriodicEvalHook(h._period, h._func) if isinstance(h, hooks.EvalHook) else h for h in ret]
+        elif self.cfg.TEST.AUG.ENABLED:
             writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
             tta = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
             ret.insert(writers[0] if writers else len(ret), tta)
         if comm.is_main_process():
             ret.append(MetricsPlotHook(self.cfg.OUTPUT_DIR))
-        if not self.cfg.TEST.EVAL_AFTER_TRAIN:
-            ret = [PeriodicEvalHook(h._period, h._func) if isinstance(h, hooks.EvalHook) else h for h in ret]
         return ret
 
     @classmethod
@@ -160,7 +164,11 @@ class Trainer(DefaultTrainer):
 
 class PeriodicEvalHook(hooks.EvalHook):
     """Detectron2's ``EvalHook`` without the evaluation after the last iteration
-    (``TEST.EVAL_AFTER_TRAIN`` False); evaluations every ``eval_period`` iterations still run."""
+    (``TEST.EVAL_AFTER_TRAIN`` False); the evaluations every ``eval_period`` iterations all run,
+    including one due at the last iteration (which ``EvalHook.after_step`` leaves to ``after_train``)."""
 
     def after_train(self):
+        finished = self.trainer.iter + 1 >= self.trainer.max_iter  # as EvalHook: not after a failed run
+        if finished and self._period > 0 and self.trainer.max_iter % self._period == 0:
+            self._do_eval()
         del self._func  # as EvalHook.after_train, which frees the closure holding the trainer

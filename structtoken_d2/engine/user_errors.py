@@ -4,11 +4,15 @@ import functools
 import os
 import sys
 
+from detectron2.utils import comm
+
 from ..data import DataFileError
 from ..data.datasets import DatasetNotFoundError
 from ..modeling.checkpoint import ClassCountMismatchError, NoLoadableCheckpointError
+from .predictor import WeightsNotFoundError
 
-USER_ERRORS = (DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError)
+USER_ERRORS = (DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError,
+               WeightsNotFoundError)
 
 
 def user_error_message(error: BaseException) -> str:
@@ -23,13 +27,16 @@ def user_error_message(error: BaseException) -> str:
 
 def exit_on_user_error(main):
     """Decorator of a tool's ``main``: a :data:`USER_ERRORS` exception exits with status 1 and
-    ``<tool>: error: <message>`` on stderr instead of a traceback."""
+    ``<tool>: error: <message>`` on stderr instead of a traceback; in a job of several processes,
+    ``<tool>: error (rank <r> of <n>): <message>``."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except USER_ERRORS as e:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: error: {user_error_message(e)}")
+            world_size = comm.get_world_size()
+            where = f" (rank {comm.get_rank()} of {world_size})" if world_size > 1 else ""
+            sys.exit(f"{os.path.basename(sys.argv[0])}: error{where}: {user_error_message(e)}")
 
     return wrapper

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import numbers
 import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -10,6 +11,12 @@ from tabulate import tabulate
 from ..output_files import replace_file
 
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mACC", "pACC")
+
+
+def nan_to_null(row: Mapping) -> Dict:
+    """``row`` with its NaN numbers replaced by None, written as JSON ``null`` (``json.dump`` would
+    write ``NaN``, which is not JSON)."""
+    return {k: None if isinstance(v, numbers.Real) and math.isnan(v) else v for k, v in row.items()}
 
 
 def per_class_rows(results: Mapping[str, float], class_names: Sequence[str]) -> List[Dict]:
@@ -32,13 +39,8 @@ def write_per_class_results(output_dir: str, dataset_name: str, results: Mapping
     null) and ``.csv`` (class,IoU,Acc; NaN as "nan"), each atomically, replacing those of an
     earlier evaluation. Returns both paths."""
     base = os.path.join(output_dir, f"per_class_{dataset_name}")
-
-    def nan_to_none(v):
-        return None if math.isnan(v) else v
-
-    summary = {k: nan_to_none(results[k]) for k in SUMMARY_KEYS if k in results}
-    document = {"dataset": dataset_name, **summary,
-                "classes": [{k: nan_to_none(v) if k != "class" else v for k, v in r.items()} for r in rows]}
+    summary = nan_to_null({k: results[k] for k in SUMMARY_KEYS if k in results})
+    document = {"dataset": dataset_name, **summary, "classes": [nan_to_null(r) for r in rows]}
 
     def write_json(tmp):
         with open(tmp, "w") as f:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
 from ..output_files import replace_file
 
@@ -58,9 +59,11 @@ class StructTokenCheckpointer(DetectionCheckpointer):
     - refuses a checkpoint whose class count differs from the model's, or, with
       ``reinit_class_dependent``, leaves every head tensor whose shape differs because of it at
       its fresh initialisation, with a warning listing them;
-    - writes checkpoints and the ``last_checkpoint`` tag atomically (temporary file + rename);
+    - writes checkpoints and the ``last_checkpoint`` tag atomically (temporary file + rename), to
+      local paths only (``save_dir`` is not resolved through fvcore's ``path_manager``);
     - on resume, when ``last_checkpoint`` names a missing or unreadable (truncated) file, falls
-      back to the newest ``*.pth`` of ``save_dir`` that loads, and says which.
+      back to the newest ``*.pth`` of ``save_dir`` that loads, and says which. The main process
+      chooses the file and every process loads that one.
     """
 
     def __init__(self, model, save_dir: str = "", *, reinit_class_dependent: bool = False, **kwargs):
@@ -96,10 +99,26 @@ class StructTokenCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """As Detectron2's, but a ``last_checkpoint`` naming a missing or truncated file falls back
         to the newest checkpoint of ``save_dir`` that loads (:class:`NoLoadableCheckpointError`
-        when none does)."""
-        if resume and self.has_checkpoint():
-            return self.load(self._newest_loadable_checkpoint())
-        return self.load(path, checkpointables=[])
+        when none does). With several processes, the main process decides (it alone writes
+        checkpoints): the others load the file it chose, or raise its error."""
+        if not resume:
+            return self.load(path, checkpointables=[])
+        choice = self._resume_choice() if comm.is_main_process() else None
+        checkpoint, error = comm.all_gather(choice)[0]  # the main process's choice, on every process
+        if error is not None:
+            raise NoLoadableCheckpointError(error)
+        if checkpoint is None:  # nothing to resume: start from MODEL.WEIGHTS
+            return self.load(path, checkpointables=[])
+        return self.load(checkpoint)
+
+    def _resume_choice(self) -> Tuple[Optional[str], Optional[str]]:
+        """(the checkpoint to resume from, or None when ``save_dir`` has none, error message or None)."""
+        if not self.has_checkpoint():
+            return None, None
+        try:
+            return self._newest_loadable_checkpoint(), None
+        except NoLoadableCheckpointError as e:
+            return None, str(e)
 
     def _newest_loadable_checkpoint(self) -> str:
         """The file ``last_checkpoint`` names if it loads, else the newest (by modification time)
@@ -137,38 +156,27 @@ class StructTokenCheckpointer(DetectionCheckpointer):
 
     # ----------------------------------------------------------------- loading
     def _load_model(self, checkpoint):
-        model = _unwrap(self.model)
-        head = getattr(model, "sem_seg_head", None)
+        """fvcore's, after the class-count check; when fine-tuning to another class count, the head
+        tensors fvcore leaves out for their shape are listed in one warning (instead of fvcore's
+        warning per tensor and its "not found in the checkpoint" list)."""
+        head = getattr(_unwrap(self.model), "sem_seg_head", None)
         state = checkpoint.get("model", {})
-        reinitialised: List[str] = []
-        for key in (TOKENS_KEY, "module." + TOKENS_KEY):
-            if head is None or key not in state:
-                continue
-            checkpoint_classes = state[key].shape[1] if state[key].ndim == 4 else None
-            if self.reinit_class_dependent and checkpoint_classes != head.num_classes:
-                reinitialised = self._drop_class_dependent(state, prefix=key[: -len(TOKENS_KEY)])
-                logger.warning(
-                    "Fine-tuning from %s to %d classes (MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS): these %d "
-                    "class-dependent tensors of the checkpoint are not loaded and keep their fresh "
-                    "initialisation: %s", checkpoint_classes, head.num_classes, len(reinitialised),
-                    ", ".join(reinitialised),
-                )
-            else:
-                check_num_classes(tuple(state[key].shape), head.num_classes, key)
-        incompatible = super()._load_model(checkpoint)
-        for key in reinitialised:
-            if key in incompatible.missing_keys:
-                incompatible.missing_keys.remove(key)
-        return incompatible
-
-    def _drop_class_dependent(self, state: Dict[str, torch.Tensor], prefix: str) -> List[str]:
-        """Remove from ``state`` the head tensors whose shapes differ from the model's; their names
-        (model keys, sorted)."""
-        model_state = _unwrap(self.model).state_dict()
-        dropped = []
-        for key in list(state):
-            name = key[len(prefix):]
-            if name.startswith(HEAD_PREFIX) and name in model_state and tuple(state[key].shape) != tuple(model_state[name].shape):
-                del state[key]
-                dropped.append(name)
-        return sorted(dropped)
+        key = next((k for k in (TOKENS_KEY, "module." + TOKENS_KEY) if k in state), None)
+        if head is None or key is None:
+            return super()._load_model(checkpoint)
+        shape = tuple(state[key].shape)
+        checkpoint_classes = shape[1] if len(shape) == 4 else None
+        if not self.reinit_class_dependent or checkpoint_classes == head.num_classes:
+            check_num_classes(shape, head.num_classes, key)
+            return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)  # leaves out the tensors of another shape
+        reinitialised = sorted(k for k, _, _ in incompatible.incorrect_shapes if k.startswith(HEAD_PREFIX))
+        logger.warning(
+            "Fine-tuning from %s to %d classes (MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS): these %d "
+            "class-dependent tensors of the checkpoint are not loaded and keep their fresh initialisation: %s",
+            checkpoint_classes, head.num_classes, len(reinitialised), ", ".join(reinitialised),
+        )
+        return incompatible._replace(
+            missing_keys=[k for k in incompatible.missing_keys if k not in reinitialised],
+            incorrect_shapes=[s for s in incompatible.incorrect_shapes if s[0] not in reinitialised],
+        )

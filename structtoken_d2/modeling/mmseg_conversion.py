@@ -14,12 +14,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..output_files import create_file, replace_file
 from .mmseg_names import ours_to_authors, rename_authors_state_dict
 
 
@@ -229,22 +229,12 @@ def save_checkpoint(conversion: Conversion, src: str, dst: str, overwrite: bool 
     renamed); an existing ``dst`` is refused unless ``overwrite``."""
     if os.path.abspath(src) == os.path.abspath(dst):
         raise MmsegCheckpointError(f"{dst}: the destination is the source checkpoint itself")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=folder)
-    os.close(fd)
     meta = {"converted_from": os.path.basename(src), **conversion.source_meta}
     try:
-        torch.save({"model": conversion.state_dict, "meta": meta}, tmp)
-        if overwrite:
-            os.replace(tmp, dst)
-        else:
-            os.link(tmp, dst)  # fails instead of replacing a file created meanwhile
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        (replace_file if overwrite else create_file)(
+            dst, lambda tmp: torch.save({"model": conversion.state_dict, "meta": meta}, tmp))
+    except FileExistsError:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it") from None
 
 
 def matching_configs(overrides: Dict[str, Any], configs_dir: str) -> List[str]:

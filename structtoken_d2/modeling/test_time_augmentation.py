@@ -3,8 +3,10 @@ ratio r, the ORIGINAL image is resized keep-ratio to ``TEST.SCALE * r`` and run 
 (its ``TEST.MODE`` whole/slide inference), unflipped and horizontally flipped; each run's logits
 are resized to the original size, turned into probabilities (softmax) and flipped back, and
 the probabilities of all runs are averaged. The views of equal size (an image and its flip, and
-ratios that give the same size) go to the model in one call, which batches them (``TEST.SLIDE_BATCH``)."""
-from typing import Dict, List, Optional, Sequence, Tuple
+ratios that give the same size) go to the model in one call, which batches them (``TEST.SLIDE_BATCH``)
+and, where it has ``iter_inference`` (StructTokenSegmentor), hands their logits over one at a time:
+each is added to the running sum and let go before the next is made."""
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,13 +60,26 @@ class SemanticSegmentorWithTTA(nn.Module):
             views += [(resized, False)] + ([(resized.flip(-1), True)] if self.flip else [])
         total, runs = None, 0
         for views in views_by_size.values():
-            outputs = self.model([{"image": view, "height": height, "width": width} for view, _ in views])
-            for (_, flipped), out in zip(views, outputs):
-                # softmax over K as the last dim: the segmentor's logits are channels-last, so this reads
-                # them in memory order (a softmax over dim 0 would first copy them channels-first)
-                probs = F.softmax(out["sem_seg"].float().movedim(0, -1), dim=-1).movedim(-1, 0)
-                if flipped:
-                    probs = probs.flip(-1)
-                total = probs if total is None else total + probs
+            inputs = [{"image": view, "height": height, "width": width} for view, _ in views]
+            for index, output in self._outputs(inputs):
+                total = self._add_probabilities(total, output.pop("sem_seg"), flipped=views[index][1])
                 runs += 1
-        return total / runs
+        return total.div_(runs)
+
+    def _outputs(self, inputs: List[Dict]) -> Iterator[Tuple[int, Dict]]:
+        """``(index, output)`` of each input: from ``model.iter_inference`` where the model has it (one
+        output alive at a time), else from its ``forward`` (all at once)."""
+        if hasattr(self.model, "iter_inference"):
+            return self.model.iter_inference(inputs)
+        return enumerate(self.model(inputs))
+
+    @staticmethod
+    def _add_probabilities(total: Optional[torch.Tensor], logits: torch.Tensor, flipped: bool) -> torch.Tensor:
+        """``total`` (None at first) + the probabilities of a view's ``logits [K, H, W]``, flipped back
+        if its view was flipped. The softmax runs over K as the last dim: the segmentor's logits are
+        channels-last, so this reads them in memory order (a softmax over dim 0 would first copy them
+        channels-first)."""
+        probs = F.softmax(logits.float().movedim(0, -1), dim=-1).movedim(-1, 0)
+        if flipped:
+            probs = probs.flip(-1)
+        return probs if total is None else total.add_(probs)

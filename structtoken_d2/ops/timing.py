@@ -3,7 +3,7 @@
 
 CUDA: CUDA events around each call, the L2 cache flushed before each one (a write of twice its size),
 median over the iterations; peak memory from the caching allocator. CPU: ``time.perf_counter``
-median, no cache flush; peak memory as the process's resident set (:func:`peak_rss_bytes`).
+median, no cache flush; peak memory as the process's peak resident set (:func:`peak_rss_bytes`).
 """
 import os
 import statistics
@@ -139,6 +139,10 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], device: torch.device
     return times
 
 
+#: Linux: writing "5" to it resets the process's peak resident set (VmHWM) to its current one (kernel >= 4.0).
+CLEAR_REFS = "/proc/self/clear_refs"
+
+
 def _rss_bytes() -> Optional[int]:
     """Resident set size of this process (Linux ``/proc/self/statm``), None where unavailable."""
     try:
@@ -148,9 +152,36 @@ def _rss_bytes() -> Optional[int]:
         return None
 
 
+def _kernel_peak_rss_bytes() -> Optional[int]:
+    """The kernel's peak resident set size of this process (``VmHWM`` of ``/proc/self/status``), None
+    where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_kernel_peak_rss() -> bool:
+    """Resets ``VmHWM`` to the current resident set size; False where the kernel refuses."""
+    try:
+        with open(CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes(fn: Callable[[], object], interval_s: float = 0.001) -> Optional[int]:
-    """Largest resident set size of the process while ``fn()`` runs, sampled every ``interval_s`` by a
-    thread (PyTorch releases the GIL inside its ops); None where the RSS cannot be read."""
+    """Largest resident set size of the process while ``fn()`` runs; None where the RSS cannot be read.
+
+    Linux: the kernel's own high-water mark (``VmHWM``), reset through :data:`CLEAR_REFS` before the
+    call, so no peak is missed however short. Where that is refused or missing: the RSS sampled every
+    ``interval_s`` by a thread (PyTorch releases the GIL inside its ops), which can miss a peak shorter
+    than ``interval_s``."""
+    if _kernel_peak_rss_bytes() is not None and _reset_kernel_peak_rss():
+        fn()
+        return _kernel_peak_rss_bytes()
     peak = [_rss_bytes()]
     if peak[0] is None:
         return None
@@ -169,3 +200,10 @@ def peak_rss_bytes(fn: Callable[[], object], interval_s: float = 0.001) -> Optio
         done.set()
         sampler.join()
     return max(peak[0], _rss_bytes() or 0)
+
+
+def device_label(device: torch.device) -> str:
+    """The device as benchmark tables name it: the GPU's name, or ``CPU (<N> threads)``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"

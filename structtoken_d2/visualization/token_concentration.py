@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 from tabulate import tabulate
 
+from ..evaluation.per_class_table import nan_to_null
 from ..output_files import save_new_file
 
 
@@ -120,8 +121,7 @@ def write_concentration(tables: Dict[str, List[Dict]], stage_names: Sequence[str
     def write_json(tmp):
         document = {"stages": list(stage_names)}
         for measure, rows in tables.items():
-            document[measure] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                                 for r in rows]
+            document[measure] = [nan_to_null(r) for r in rows]
         with open(tmp, "w") as f:
             json.dump(document, f, indent=2)
 

@@ -9,8 +9,6 @@ from typing import Dict, List, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..modeling.meta_arch.structtoken import LOGITS_RESIZE_RULES
-
 
 def stage_names(num_blocks: int) -> List[str]:
     """``["S", "S1", ..., "S<num_blocks>", "Y"]``."""
@@ -65,11 +63,10 @@ class TokenMapRecorder:
 
 
 class TokenMaps(NamedTuple):
-    """One image's maps: ``grid [S, K, h, w]`` (stride-16 grid of the resized input), ``maps
-    [S, K, H, W]`` and ``logits [K, H, W]`` at the original image size; ``names``: the S stages."""
+    """One image's maps at its original size: ``maps [S, K, H, W]`` and ``logits [K, H, W]``;
+    ``names``: the S stages."""
 
     names: List[str]
-    grid: torch.Tensor
     maps: torch.Tensor
     logits: torch.Tensor
 
@@ -79,18 +76,18 @@ def predict_token_maps(model, inputs: Dict) -> TokenMaps:
     """One whole-image pass of ``model`` (a StructTokenSegmentor in eval mode) on a mapped input
     (``"image" [3, H', W']``, optional original ``"height"``, ``"width"``).
 
-    The maps are brought to the image the way the logits are: the model's ``TEST.LOGITS_RESIZE``
-    rule to ``(H', W')``, then bilinear to ``(height, width)``, as the segmentor does in "whole"
-    mode; so ``maps[-1]`` equals ``logits``, the pass's output."""
+    The stride-16 maps are brought to the image the way the logits are: the model's
+    :meth:`resize_logits` (``TEST.LOGITS_RESIZE``) to ``(H', W')``, then bilinear to ``(height,
+    width)``, as the segmentor does in "whole" mode; so ``maps[-1]`` equals ``logits``, the pass's
+    output."""
     image = inputs["image"]
     with TokenMapRecorder(model.sem_seg_head) as recorder:
         logits = model.inference_logits(image[None], mode="whole")
     recorded = recorder.maps()
-    grid = torch.stack([recorded[name][0] for name in recorder.names])
-    resize = LOGITS_RESIZE_RULES[model.logits_resize]
-    maps = resize(grid, tuple(image.shape[-2:]), model.size_divisibility)
+    grid = torch.stack([recorded[name][0] for name in recorder.names])  # [S, K, h, w]
+    maps = model.resize_logits(grid, image.shape[-2:])
     size = (inputs.get("height", image.shape[-2]), inputs.get("width", image.shape[-1]))
     if tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return TokenMaps(recorder.names, grid.cpu(), maps.cpu(), logits[0].float().cpu())
+    return TokenMaps(recorder.names, maps.cpu(), logits[0].float().cpu())

@@ -3,7 +3,7 @@ from .ade20k import register_ade20k
 from .cityscapes import register_cityscapes
 from .coco_stuff_10k import register_coco_stuff_10k
 from .folder import register_folder_dataset, register_folder_datasets_from_config
-from .registration import IGNORE_LABEL, DatasetNotFoundError, datasets_root
+from .registration import IGNORE_LABEL, DatasetNotFoundError, datasets_root, require_dataset_files
 from .shapes import register_shapes
 
 register_ade20k()
@@ -13,5 +13,5 @@ register_shapes()
 
 __all__ = [
     "IGNORE_LABEL", "DatasetNotFoundError", "datasets_root", "register_folder_dataset",
-    "register_folder_datasets_from_config",
+    "register_folder_datasets_from_config", "require_dataset_files",
 ]

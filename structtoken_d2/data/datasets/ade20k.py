@@ -46,10 +46,16 @@ _PREPARE = (
 _SPLITS = {"ade20k_sem_seg_train": "training", "ade20k_sem_seg_val": "validation"}
 
 
-def _load_split(name: str, split: str):
+def _split_directories(name: str, split: str):
+    """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` when one is missing."""
     root = datasets_root() / "ADEChallengeData2016"
-    image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    require_directories(name, [image_dir, label_dir], _LAYOUT, _PREPARE)
+    directories = root / "images" / split, root / "annotations" / split
+    require_directories(name, directories, _LAYOUT, _PREPARE)
+    return directories
+
+
+def _load_split(name: str, split: str):
+    image_dir, label_dir = _split_directories(name, split)
     records = load_sem_seg(str(label_dir), str(image_dir), gt_ext="png", image_ext="jpg")
     for record in records:
         record["reduce_zero_label"] = True
@@ -66,4 +72,5 @@ def register_ade20k() -> None:
             lambda name=name, split=split: _load_split(name, split),
             dict(stuff_classes=class_names, stuff_colors=ADE20K_COLORS),
             replace_existing=True,
+            require_files=lambda name=name, split=split: _split_directories(name, split),
         )

@@ -16,10 +16,16 @@ _PREPARE = (
 _SPLITS = {"cityscapes_fine_sem_seg_train": "train", "cityscapes_fine_sem_seg_val": "val"}
 
 
-def _load_split(name: str, split: str):
+def _split_directories(name: str, split: str):
+    """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` when one is missing."""
     root = datasets_root() / "cityscapes"
-    image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    require_directories(name, [image_dir, label_dir], _LAYOUT, _PREPARE)
+    directories = root / "leftImg8bit" / split, root / "gtFine" / split
+    require_directories(name, directories, _LAYOUT, _PREPARE)
+    return directories
+
+
+def _load_split(name: str, split: str):
+    image_dir, label_dir = _split_directories(name, split)
     return load_cityscapes_semantic(str(image_dir), str(label_dir))
 
 
@@ -36,4 +42,5 @@ def register_cityscapes() -> None:
                 stuff_colors=[c["color"] for c in categories],
             ),
             replace_existing=True,
+            require_files=lambda name=name, split=split: _split_directories(name, split),
         )

@@ -1,13 +1,14 @@
 """COCO-Stuff-10K: 171 classes (80 things + 91 stuff), 9000 train / 1000 test images, labels
 converted from the official ``.mat`` files by ``tools/prepare_coco_stuff_10k.py``."""
-import colorsys
 from typing import Dict
 
 import numpy as np
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .registration import IGNORE_LABEL, datasets_root, register_sem_seg_dataset, require_directories
+from .registration import (
+    IGNORE_LABEL, datasets_root, evenly_spaced_colors, register_sem_seg_dataset, require_directories,
+)
 
 # fmt: off
 #: The 91 stuff classes, COCO-Stuff ids 92..182 in order.
@@ -31,10 +32,7 @@ _THINGS = [c for c in COCO_CATEGORIES if c["isthing"] == 1]
 COCO_STUFF_IDS = [c["id"] for c in _THINGS] + list(range(92, 183))
 COCO_STUFF_CLASSES = [c["name"] for c in _THINGS] + COCO_STUFF_STUFF_CLASSES
 #: Things keep their COCO colours; stuff classes get evenly spaced hues.
-COCO_STUFF_COLORS = [tuple(c["color"]) for c in _THINGS] + [
-    tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / 91, 0.6, 0.9)) for i in range(91)
-]
-
+COCO_STUFF_COLORS = [tuple(c["color"]) for c in _THINGS] + evenly_spaced_colors(len(COCO_STUFF_STUFF_CLASSES))
 
 
 def coco_stuff_train_ids(label_ids: np.ndarray) -> np.ndarray:
@@ -58,10 +56,16 @@ _PREPARE = (
 _SPLITS: Dict[str, str] = {"coco_stuff_10k_sem_seg_train": "train", "coco_stuff_10k_sem_seg_test": "test"}
 
 
-def _load_split(name: str, split: str):
+def _split_directories(name: str, split: str):
+    """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` when one is missing."""
     root = datasets_root() / "coco_stuff_10k"
-    image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    require_directories(name, [image_dir, label_dir], _LAYOUT, _PREPARE)
+    directories = root / "images" / split, root / "annotations" / split
+    require_directories(name, directories, _LAYOUT, _PREPARE)
+    return directories
+
+
+def _load_split(name: str, split: str):
+    image_dir, label_dir = _split_directories(name, split)
     return load_sem_seg(str(label_dir), str(image_dir), gt_ext="png", image_ext="jpg")
 
 
@@ -72,4 +76,5 @@ def register_coco_stuff_10k() -> None:
             name,
             lambda name=name, split=split: _load_split(name, split),
             dict(stuff_classes=COCO_STUFF_CLASSES, stuff_colors=COCO_STUFF_COLORS),
+            require_files=lambda name=name, split=split: _split_directories(name, split),
         )

@@ -6,12 +6,14 @@ Labels are 8-bit single-channel PNGs of train ids ``0..K-1`` with 255 = ignore; 
 label map are matched by their path relative to their folder, without the extension
 (``images/a/x.jpg`` <-> ``labels/a/x.png``).
 """
-import colorsys
 import logging
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from .registration import DatasetNotFoundError, register_sem_seg_dataset
+from .registration import (
+    IGNORE_LABEL, DatasetNotFoundError, evenly_spaced_colors, register_sem_seg_dataset, require_directories,
+)
 
 #: Image extensions accepted when no ``image_ext`` is given.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp")
@@ -21,15 +23,14 @@ FOLDER_DATASET_NAME = "folder_{split}"
 logger = logging.getLogger(__name__)
 
 
-def default_colors(num_classes: int) -> List[Tuple[int, int, int]]:
-    """``num_classes`` RGB colours with evenly spaced hues."""
-    return [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / max(num_classes, 1), 0.65, 0.95)) for i in range(num_classes)]
-
-
-def _require_folders(what: str, folders: Sequence[Path], hint: str) -> None:
-    missing = [str(f) for f in folders if not f.is_dir()]
-    if missing:
-        raise DatasetNotFoundError(f"{what}: missing folder {', '.join(missing)}; {hint}")
+def _require_folders(name: str, image_dir: Path, label_dir: Path, image_ext: str, label_ext: str) -> None:
+    """:class:`DatasetNotFoundError` when the image or the label folder of dataset ``name`` is missing."""
+    root = Path(os.path.commonpath([image_dir.absolute(), label_dir.absolute()]))
+    layout = (f"  {image_dir.absolute().relative_to(root)}/<name>.<{image_ext or '|'.join(IMAGE_EXTENSIONS)}>   "
+              f"(sub-folders allowed)\n  {label_dir.absolute().relative_to(root)}/<name>.{label_ext}   "
+              f"(train ids 0..K-1, {IGNORE_LABEL} = ignore)")
+    require_directories(name, [image_dir, label_dir], layout, root=str(root),
+                        prepare="check the folders given to register_folder_dataset or DATASETS.FOLDER.ROOT")
 
 
 def _files_by_stem(directory: Path, extensions: Sequence[str]) -> Dict[str, Path]:
@@ -51,8 +52,7 @@ def load_folder_dataset(
     of ``label_dir`` with its image of ``image_dir``. Raises :class:`DatasetNotFoundError` naming
     what is missing: a folder, any label map, or the image of a label map."""
     image_dir, label_dir = Path(image_dir), Path(label_dir)
-    _require_folders(f"Dataset '{name}'", [image_dir, label_dir],
-                     "check the folders given to register_folder_dataset or DATASETS.FOLDER.ROOT")
+    _require_folders(name, image_dir, label_dir, image_ext, label_ext)
     labels = _files_by_stem(label_dir, [label_ext])
     if not labels:
         raise DatasetNotFoundError(f"Dataset '{name}': no *.{label_ext} label map in {label_dir}")
@@ -101,7 +101,7 @@ def register_folder_dataset(
     classes = [str(c) for c in classes]
     if not classes:
         raise ValueError(f"register_folder_dataset('{name}'): give the class names (classes is empty)")
-    colors = [tuple(int(v) for v in c) for c in colors] if colors is not None else default_colors(len(classes))
+    colors = [tuple(int(v) for v in c) for c in colors] if colors is not None else evenly_spaced_colors(len(classes))
     if len(colors) != len(classes):
         raise ValueError(f"register_folder_dataset('{name}'): {len(colors)} colors for {len(classes)} classes")
     register_sem_seg_dataset(
@@ -109,6 +109,7 @@ def register_folder_dataset(
         lambda: load_folder_dataset(name, image_dir, label_dir, image_ext, label_ext, reduce_zero_label),
         dict(stuff_classes=classes, stuff_colors=colors, image_root=str(image_dir), sem_seg_root=str(label_dir)),
         replace_existing=True,
+        require_files=lambda: _require_folders(name, Path(image_dir), Path(label_dir), image_ext, label_ext),
     )
 
 
@@ -118,8 +119,13 @@ def register_folder_datasets_from_config(cfg) -> List[str]:
     if not cfg.DATASETS.FOLDER.ROOT:
         return []
     root = Path(cfg.DATASETS.FOLDER.ROOT).expanduser()
-    _require_folders(f"DATASETS.FOLDER.ROOT {root}", [root / "images", root / "labels"],
-                     "expected images/<split>/<name>.<jpg|png|...> and labels/<split>/<name>.png under it")
+    require_directories(
+        FOLDER_DATASET_NAME.format(split="<split>"), [root / "images", root / "labels"],
+        f"  images/<split>/<name>.<{cfg.DATASETS.FOLDER.IMAGE_EXT or '|'.join(IMAGE_EXTENSIONS)}>\n"
+        f"  labels/<split>/<name>.png   (train ids 0..K-1, {IGNORE_LABEL} = ignore)",
+        "put your data there, or set DATASETS.FOLDER.ROOT to the folder that holds images/ and labels/",
+        root=f"{root} (DATASETS.FOLDER.ROOT)",
+    )
     if not cfg.DATASETS.FOLDER.CLASSES:
         raise ValueError(f"DATASETS.FOLDER.ROOT is {root} but DATASETS.FOLDER.CLASSES is empty: list the class names")
     names = []

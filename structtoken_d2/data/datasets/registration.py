@@ -1,8 +1,10 @@
 """Shared pieces of dataset registration: the datasets root, lazy loading with a clear error on
-a missing directory, and replacing a registration Detectron2 made under the same name."""
+a missing directory (also checkable on its own, in a moment, before a model is built), default
+class colours, and replacing a registration Detectron2 made under the same name."""
+import colorsys
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -19,31 +21,63 @@ def datasets_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
 
 
-def require_directories(dataset_name: str, directories: Sequence[Path], layout: str, prepare: str) -> None:
+def evenly_spaced_colors(num_colors: int) -> List[Tuple[int, int, int]]:
+    """``num_colors`` RGB colours of evenly spaced hues (classes without colours of their own)."""
+    return [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / max(num_colors, 1), 0.65, 0.95))
+            for i in range(num_colors)]
+
+
+def require_directories(
+    dataset_name: str, directories: Sequence[Path], layout: str, prepare: str, root: Optional[str] = None
+) -> None:
     """Raise one :class:`DatasetNotFoundError` listing every missing directory of ``dataset_name``,
-    with the expected ``layout`` (a tree relative to the root) and the ``prepare`` instructions."""
+    with the expected ``layout`` (a tree relative to ``root``, default ``$DETECTRON2_DATASETS``)
+    and the ``prepare`` instructions."""
     missing = [str(d) for d in directories if not d.is_dir()]
     if missing:
+        root = root or f"$DETECTRON2_DATASETS (now '{datasets_root()}')"
         raise DatasetNotFoundError(
             f"Dataset '{dataset_name}' not found: missing {', '.join(missing)}.\n"
-            f"Expected layout under $DETECTRON2_DATASETS (now '{datasets_root()}'):\n{layout}\n"
+            f"Expected layout under {root}:\n{layout}\n"
             f"To prepare it: {prepare}"
         )
 
 
+class _Loader:
+    """What ``DatasetCatalog`` calls to load a dataset; it also carries the dataset's quick check."""
+
+    def __init__(self, load: Callable[[], List[Dict]], require_files: Callable[[], object]):
+        self.load, self.require_files = load, require_files
+
+    def __call__(self) -> List[Dict]:
+        return self.load()
+
+
+def require_dataset_files(name: str) -> None:
+    """The quick check registered with dataset ``name`` (its directories exist, without loading
+    it): raises :class:`DatasetNotFoundError` as loading would. Datasets registered without one
+    (elsewhere, or generated on use) are not checked."""
+    require_files = getattr(DatasetCatalog[name], "require_files", None)
+    if require_files is not None:
+        require_files()
+
+
 def register_sem_seg_dataset(
-    name: str, load: Callable[[], List[Dict]], metadata: Dict, replace_existing: bool = False
+    name: str, load: Callable[[], List[Dict]], metadata: Dict, replace_existing: bool = False,
+    require_files: Optional[Callable[[], object]] = None,
 ) -> None:
     """Register a semantic-segmentation dataset under ``name``.
 
-    ``load`` runs lazily on ``DatasetCatalog.get(name)``. ``replace_existing`` removes a
-    registration Detectron2 made under the same name (its builtin ADE20K/Cityscapes entries) so
-    that ours, with its clear missing-data error and our metadata, is the one in use.
+    ``load`` runs lazily on ``DatasetCatalog.get(name)``. ``require_files``, when given, checks
+    in a moment that the files are where ``load`` expects them (``load`` calls it too), for
+    :func:`require_dataset_files`. ``replace_existing`` removes a registration Detectron2 made
+    under the same name (its builtin ADE20K/Cityscapes entries) so that ours, with its clear
+    missing-data error and our metadata, is the one in use.
     """
     if replace_existing and name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, load)
+    DatasetCatalog.register(name, _Loader(load, require_files) if require_files is not None else load)
     MetadataCatalog.get(name).set(
         evaluator_type="sem_seg", ignore_label=IGNORE_LABEL, **metadata
     )

@@ -1,7 +1,7 @@
 """StructToken semantic segmentor: ViT backbone + StructToken head, mmseg ``EncoderDecoder`` semantics."""
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,18 +48,19 @@ def pad_to_label(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
 
 
-def check_dataset_num_classes(cfg) -> None:
-    """Raise :class:`ClassCountMismatchError` when a registered dataset of ``DATASETS.TRAIN`` /
-    ``DATASETS.TEST`` has ``stuff_classes`` of another length than ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``
-    (datasets not registered yet, or without ``stuff_classes``, are not checked)."""
+def check_dataset_num_classes(cfg, names: Optional[Sequence[str]] = None) -> None:
+    """Raise :class:`ClassCountMismatchError` when a registered dataset of ``names`` (default:
+    ``DATASETS.TRAIN`` and ``DATASETS.TEST``) has ``stuff_classes`` of another length than
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` (datasets not registered yet, or without ``stuff_classes``,
+    are not checked)."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     registered = set(MetadataCatalog.list())
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+    for name in names if names is not None else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = getattr(MetadataCatalog.get(name), "stuff_classes", None) if name in registered else None
         if classes is not None and len(classes) != num_classes:
             raise ClassCountMismatchError(
                 f"dataset {name!r} has {len(classes)} classes (metadata stuff_classes) but "
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}"
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}: set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}"
             )
 
 
@@ -81,7 +82,8 @@ class StructTokenSegmentor(nn.Module):
     stride-16 logits are resized to its input by the ``TEST.LOGITS_RESIZE`` rule
     (:data:`LOGITS_RESIZE_RULES`); each image is processed at its own size and its logits resized
     bilinearly to the input dict's ``(height, width)``. Inputs of equal size are stacked, and the
-    passes (windows, or whole images) go through the network ``TEST.SLIDE_BATCH`` at a time.
+    passes (windows, or whole images) go through the network ``TEST.SLIDE_BATCH`` at a time; the
+    full-size logits are made one input at a time (:meth:`iter_inference`).
     Output: ``[{"sem_seg": logits [K, height, width]}]`` (pre-softmax).
 
     ``MODEL.COMPILE``: the backbone and the head are ``torch.compile``-d in place.
@@ -209,27 +211,42 @@ class StructTokenSegmentor(nn.Module):
 
     # ---------------------------------------------------------------- inference
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
-        """The eval ``forward``: inputs whose images have the same size (an image and its flip, say)
-        are stacked and run together through :meth:`inference_logits`; each one's logits are then
-        resized to its ``(height, width)``."""
+        """The eval ``forward``: :meth:`iter_inference`'s outputs, in input order."""
+        results: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
+        for index, output in self.iter_inference(batched_inputs):
+            results[index] = output
+        return results
+
+    def iter_inference(self, batched_inputs: List[Dict]) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+        """Yields ``(index, {"sem_seg": logits [K, height, width]})`` for each input, one at a time:
+        inputs whose images have the same size (an image and its flip, say) are stacked and go through
+        :meth:`iter_inference_logits` together; each one's logits are resized to its ``(height, width)``
+        as it comes. A caller that lets go of each output before asking for the next keeps one
+        input's full-size logits alive, however many inputs (the test-time augmentation's views)."""
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for index, inputs in enumerate(batched_inputs):
             groups.setdefault(tuple(inputs["image"].shape), []).append(index)
-        results: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
         for indices in groups.values():
-            images = torch.stack([batched_inputs[i]["image"] for i in indices])
-            group_logits = self.inference_logits(images)
-            for j, i in enumerate(indices):
-                logits = group_logits[j : j + 1]  # not [j][None]: that loses the channels-last strides
-                inputs = batched_inputs[i]
-                size = (inputs.get("height", logits.shape[-2]), inputs.get("width", logits.shape[-1]))
-                if tuple(logits.shape[-2:]) != tuple(size):
-                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                results[i]["sem_seg"] = logits[0]
-        return results
+            group_logits = self.iter_inference_logits(torch.stack([batched_inputs[i]["image"] for i in indices]))
+            for i in indices:  # next() inline: no local name holds the previous input's logits
+                yield i, {"sem_seg": self._resize_to_output_size(next(group_logits), batched_inputs[i])[0]}
+
+    @staticmethod
+    def _resize_to_output_size(logits: torch.Tensor, inputs: Dict) -> torch.Tensor:
+        """``[1, K, H, W]`` ``->`` ``[1, K, height, width]`` (bilinear) for an input dict's optional
+        ``height`` / ``width`` (default: unchanged)."""
+        size = (inputs.get("height", logits.shape[-2]), inputs.get("width", logits.shape[-1]))
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def inference_logits(self, images: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
-        """Logits of a batch of images at their own size: the entry point for test-time augmentation.
+        """Logits of a batch of images at their own size, ``[B, K, H, W]``: :meth:`iter_inference_logits`
+        of the images, concatenated (B full-size logits at once)."""
+        return torch.cat(list(self.iter_inference_logits(images, mode)))
+
+    def iter_inference_logits(self, images: torch.Tensor, mode: Optional[str] = None) -> Iterator[torch.Tensor]:
+        """Logits of a batch of images at their own size, yielded one image at a time.
 
         Args:
             images: ``[B, 3, H, W]``, any float or uint8 dtype, *unnormalised* pixel values in the
@@ -237,32 +254,58 @@ class StructTokenSegmentor(nn.Module):
                 any device (moved to the model's). Any ``H, W`` (not necessarily multiples of 16).
             mode: "whole" or "slide"; None uses ``TEST.MODE``.
 
-        Returns:
-            ``[B, K, H, W]`` float logits (pre-softmax; mmseg averages *softmax* probabilities
-            over augmentations). Normalisation, padding, sliding windows and the upsampling to
-            ``(H, W)`` all happen here; resizing to the original image size is the caller's.
-            No gradient is disabled here: wrap in ``torch.no_grad()`` for inference.
+        Yields:
+            for each image in order, ``[1, K, H, W]`` float logits (pre-softmax; mmseg averages
+            *softmax* probabilities over augmentations). Normalisation, padding, sliding windows and
+            the upsampling to ``(H, W)`` all happen here; resizing to the original image size is the
+            caller's. No gradient is disabled here: wrap in ``torch.no_grad()`` for inference.
 
-        The images (whole mode) or all their windows (slide mode) go through the network
-        ``TEST.SLIDE_BATCH`` at a time: the result is that of one at a time, to float rounding.
+        The network's passes (slide: the windows of every image, image after image; whole: the
+        images) go through it ``TEST.SLIDE_BATCH`` at a time, so one forward may hold windows of two
+        images (an image and its flip). Their stride-16 logits wait until an image has all its
+        windows; its full-size logits are then made and yielded, so one image's ``[K, H, W]`` is
+        alive at a time (plus what the caller keeps), whatever B and ``TEST.SLIDE_BATCH``. The result
+        is that of one pass at a time, to float rounding.
         """
         mode = mode or self.test_mode
         if mode not in TEST_MODES:
             raise ValueError(f"inference mode {mode!r}; valid: {', '.join(TEST_MODES)}")
         x = self.normalize(images.to(self.device))
-        if mode == "slide":
-            return self._slide_inference(x)
-        return torch.cat([self._whole_inference(chunk) for chunk in x.split(self.slide_batch)])
+        h, w = x.shape[-2:]
+        windows = self.slide_windows(h, w) if mode == "slide" else [(0, h, 0, w)]
+        count = x.new_zeros((1, 1, h, w))
+        for y1, y2, x1, x2 in windows:
+            count[..., y1:y2, x1:x2] += 1
+        passes = [(n, window) for n in range(len(x)) for window in windows]
+        image_windows: List[Tuple[Tuple[int, int, int, int], torch.Tensor]] = []  # of the current image
+        for start in range(0, len(passes), self.slide_batch):
+            batch = passes[start:start + self.slide_batch]
+            head_logits = self.decode(torch.stack([x[n, :, y1:y2, x1:x2] for n, (y1, y2, x1, x2) in batch]))
+            for window_and_logits in zip((window for _, window in batch), head_logits.split(1)):
+                image_windows.append(window_and_logits)
+                if len(image_windows) == len(windows):
+                    yield self._average_windows(image_windows, count)
+                    image_windows = []
 
-    def _whole_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]``: decode (the backbone zero-pads
-        to a multiple of 16, mmseg's "corner" padding), then resize the stride-16 logits to
-        ``(H, W)`` by the ``TEST.LOGITS_RESIZE`` rule."""
-        return self._resize_logits(self.decode(x), x.shape[-2:])
+    def _average_windows(self, windows: List[Tuple[Tuple[int, int, int, int], torch.Tensor]],
+                         count: torch.Tensor) -> torch.Tensor:
+        """One image's ``(y1, y2, x1, x2)`` windows and their head logits ``[1, K, h, w]`` ``->`` its
+        logits ``[1, K, H, W]``: each window's resized (:meth:`resize_logits`) and summed, divided by
+        ``count [1, 1, H, W]`` (windows covering each pixel). The sum is kept channels-last, the
+        head's layout: adding channels-last windows into a channels-first sum reads them across the
+        grain (8x slower on a CPU at K=150). A single window covers the image: its logits, resized."""
+        if len(windows) == 1:
+            return self.resize_logits(windows[0][1], count.shape[-2:])
+        h, w = count.shape[-2:]
+        logits = count.new_zeros((1, h, w, self.num_classes)).permute(0, 3, 1, 2)
+        for (y1, y2, x1, x2), window_logits in windows:
+            logits[..., y1:y2, x1:x2] += self.resize_logits(window_logits, (y2 - y1, x2 - x1))
+        return logits.div_(count)  # in place: a second full-size tensor costs time on a CPU
 
-    def _resize_logits(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """The head's stride-16 logits ``[B, K, h, w]`` of inputs of ``size = (H, W)`` ``->``
-        ``[B, K, H, W]``, by the ``TEST.LOGITS_RESIZE`` rule."""
+    def resize_logits(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The head's stride-16 logits ``[B, K, h, w]`` of inputs of ``size = (H, W)`` ``->`` float
+        ``[B, K, H, W]``, by the ``TEST.LOGITS_RESIZE`` rule (:data:`LOGITS_RESIZE_RULES`): what
+        whole-mode inference does to the network's output, and slide mode to each window's."""
         return LOGITS_RESIZE_RULES[self.logits_resize](logits, tuple(size), self.size_divisibility)
 
     def slide_windows(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
@@ -277,25 +320,3 @@ class StructTokenSegmentor(nn.Module):
                 y2, x2 = min(i * sh + ch, height), min(j * sw + cw, width)
                 windows.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
         return windows
-
-    def _slide_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, H, W]`` ``->`` logits ``[B, K, H, W]`` averaged over the windows. The
-        windows of all B images (all of one size: the crop, clipped to the image) are stacked and
-        go through the network ``slide_batch`` at a time; their logits are resized and summed one
-        window at a time (a batch of full-size K-channel logits would take ``slide_batch`` times the
-        memory, and on a CPU more time). The sum is kept channels-last, the head's layout: adding
-        channels-last windows into a channels-first sum reads them across the grain (8x slower on a
-        CPU at K=150)."""
-        b, _, h, w = x.shape
-        logits = x.new_zeros((b, h, w, self.num_classes)).permute(0, 3, 1, 2)
-        count = x.new_zeros((1, 1, h, w))
-        windows = self.slide_windows(h, w)
-        for y1, y2, x1, x2 in windows:
-            count[..., y1:y2, x1:x2] += 1
-        crops = [(n, window) for window in windows for n in range(b)]
-        for start in range(0, len(crops), self.slide_batch):
-            batch = crops[start:start + self.slide_batch]
-            head_logits = self.decode(torch.stack([x[n, :, y1:y2, x1:x2] for n, (y1, y2, x1, x2) in batch]))
-            for (n, (y1, y2, x1, x2)), window_logits in zip(batch, head_logits.split(1)):
-                logits[n : n + 1, :, y1:y2, x1:x2] += self._resize_logits(window_logits, (y2 - y1, x2 - x1))
-        return logits.div_(count)  # in place: a second full-size tensor costs time on a CPU

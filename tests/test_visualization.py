@@ -18,6 +18,7 @@ from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
 from structtoken_d2.visualization import (
     ConcentrationMeter,
     inside_fractions,
+    region_separation,
     load_metrics,
     metrics_figure,
     plot_metrics,
@@ -95,6 +96,37 @@ def test_inside_fractions_by_hand():
     assert inside_fractions(three, gt, 255)[:, 2].isnan().all()
 
 
+def test_region_separation_by_hand():
+    gt = torch.tensor([[0, 0], [1, 1], [1, 255]])
+    maps = torch.tensor([
+        # stage 0: class 0 region {3, 1} vs outside {2, 0, 5}: 3 beats 2 and 0, 1 beats 0 -> 3 of 6;
+        #          class 1 constant -> every pair a tie -> 0.5. The ignore pixel (value 9) is left out.
+        [[[3.0, 1.0], [2.0, 0.0], [5.0, 9.0]], [[4.0, 4.0], [4.0, 4.0], [4.0, -9.0]]],
+        # stage 1: class 0 higher on its region than anywhere -> 1; class 1 lower everywhere on its
+        #          region, with one tie (2 vs 2): outside {2, 3}, region {2, 1, 0} -> 0.5 of 6.
+        [[[8.0, 7.0], [1.0, 1.0], [1.0, 0.0]], [[2.0, 3.0], [2.0, 1.0], [0.0, 9.0]]],
+    ])
+    expected = torch.tensor([[0.5, 0.5], [1.0, 0.5 / 6]], dtype=torch.float64)
+    torch.testing.assert_close(region_separation(maps, gt, 255), expected)
+    # A class absent, or covering every labelled pixel, gets NaN.
+    three = torch.cat([maps, maps[:, :1]], dim=1)
+    assert region_separation(three, gt, 255)[:, 2].isnan().all()
+    assert region_separation(maps, torch.zeros(3, 2, dtype=torch.long), 255)[:, 0].isnan().all()
+
+
+def test_region_separation_equals_counting_all_pairs():
+    torch.manual_seed(0)
+    gt = torch.randint(0, 3, (9, 7))
+    gt[0, :3] = 255
+    maps = torch.randint(-2, 3, (2, 3, 9, 7)).float()  # few values: many ties
+    valid = gt != 255
+    for s in range(2):
+        for k in range(3):
+            inside, outside = maps[s, k][valid & (gt == k)], maps[s, k][valid & (gt != k)]
+            wins = (inside[:, None] > outside[None, :]).double().sum() + 0.5 * (inside[:, None] == outside[None, :]).double().sum()
+            assert region_separation(maps, gt, 255)[s, k].item() == pytest.approx(wins.item() / (len(inside) * len(outside)))
+
+
 def test_concentration_meter_averages_over_images_with_the_class():
     meter = ConcentrationMeter(["S", "Y"], ["a", "b"], 255)
     ones = torch.ones(2, 2, 2, 2)
@@ -129,12 +161,13 @@ def test_visualize_tokens_writes_figures_and_measurements_without_overwriting(ti
     assert (out / "00000_tokens.png").read_bytes() == b"not mine"
     assert cv2.imread(written[0]) is not None
     table = json.loads((out / "token_concentration.json").read_text())
+    printed = capsys.readouterr().out
     assert table["stages"] == ["S", "S1", "S2", "Y"]
-    for measure in ("positive mass", "centred"):
+    for measure in ("positive mass", "centred", "separation"):
         assert table[measure][0]["class"] == "background" and table[measure][0]["images"] == 3
         assert table[measure][-1]["class"] == "mean"
-    printed = capsys.readouterr().out
-    assert "positive mass:\n| class" in printed and "centred:\n| class" in printed
+        assert f"{measure}:\n| class" in printed
+    assert 0 <= table["separation"][0]["Y"] <= 1
     argv[argv.index("--num") + 1] = "1"
     tool.main(argv)  # again: new names for everything
     assert (out / "token_concentration_1.csv").is_file() and (out / "00000_tokens_2.png").is_file()

@@ -21,7 +21,9 @@ ever written over.
 --measure: the share of each class map's positive mass inside the class's ground-truth region,
 per stage, averaged over the images holding the class (all of --dataset, or every --input with a
 label), beside the region's area share (what an even map scores); also "centred", the same for the
-maps minus their mean over the image (independent of a map's offset). Printed as Markdown tables
+maps minus their mean over the image (independent of a map's offset), and "separation", the ROC AUC
+of the map for the region (the chance that a region pixel is higher than a pixel outside: 0.5 for a
+map that does not tell the region apart, 1 for a perfect one; offset- and scale-free). Printed as Markdown tables
 and written to <output>/token_concentration.json and .csv. The figures print each map's positive-
 mass share in its corner ("in").
 """
@@ -150,8 +152,7 @@ def main(argv=None):
         image = read_image_file(record["file_name"], format="RGB")
         result = predict_token_maps(predictor.model, predictor.model_input(image[:, :, ::-1]))
         if not meters:
-            meters = {name: ConcentrationMeter(result.names, class_names, ignore_label, centred)
-                      for name, centred in MEASURES.items()}
+            meters = {name: ConcentrationMeter(result.names, class_names, ignore_label, name) for name in MEASURES}
         gt = read_sem_seg_label(record, len(class_names), ignore_label) if "sem_seg_file_name" in record else None
         fractions = None  # of the figure: the positive-mass shares
         if gt is not None:
@@ -170,9 +171,11 @@ def main(argv=None):
     if args.measure:
         tables = {name: meter.summary() for name, meter in meters.items()}
         stages = next(iter(meters.values())).stage_names
-        print(f"\nShare of each class map's positive mass inside the class's ground-truth region, per stage "
-              f"({len(labelled)} images of {args.dataset or 'the inputs'}, {cfg.MODEL.WEIGHTS}); "
-              f"area: the region's share of the image, what an even map scores.")
+        print(f"\nEach class map against the class's ground-truth region, per stage ({len(labelled)} images of "
+              f"{args.dataset or 'the inputs'}, {cfg.MODEL.WEIGHTS}). positive mass: the share of the map's "
+              f"positive mass inside the region; centred: the same for the map minus its mean; area: the region's "
+              f"share of the image, what an even map scores on those two. separation: the chance that a region "
+              f"pixel has a higher value than a pixel outside (0.5: not told apart, 1: perfectly).")
         for name, rows in tables.items():
             print(f"\n{name}:\n{format_concentration_table(rows, stages)}")
         paths = write_concentration(tables, stages, os.path.join(args.output, "token_concentration"))

@@ -6,6 +6,7 @@ from .token_concentration import (
     area_fractions,
     format_concentration_table,
     inside_fractions,
+    region_separation,
     write_concentration,
 )
 from .token_figure import COLOUR_SCALES, token_map_figure
@@ -20,6 +21,7 @@ __all__ = [
     "area_fractions",
     "format_concentration_table",
     "inside_fractions",
+    "region_separation",
     "load_metrics",
     "metrics_figure",
     "plot_metrics",

@@ -1,4 +1,4 @@
-"""How much of each class's token map lies on that class's ground-truth region, per stage.
+"""How much each class's token map lies on, and marks out, that class's ground-truth region, per stage.
 
 For a class k present in an image's ground truth and a map M (one stage's slice k, at image
 size), the *inside fraction* is ``sum(max(M, 0) * [gt == k]) / sum(max(M, 0))`` over the labelled
@@ -8,21 +8,25 @@ A map spread evenly scores the region's *area fraction*; a map all on the region
 The *centred* variant first subtracts from M its mean over the labelled pixels, so that it does
 not depend on the map's offset: a map all negative but least negative on the region scores
 high, where the plain measure scores it 0 (or NaN when it has no positive value at all).
+
+The *separation* is the area under the ROC curve of M as a detector of the region: the chance that
+a random pixel of the region has a higher value than a random labelled pixel outside it (ties count
+half; the Mann-Whitney U statistic over ``n_in * n_out``). It depends only on the order of the
+values, not on the map's offset, scale or the size of a spike: 0.5 for a map that does not tell the
+region apart, 1 for one higher on every region pixel than anywhere else, 0 for the reverse.
 """
 import csv
+import functools
 import json
 import math
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
+from scipy.stats import rankdata
 from tabulate import tabulate
 
 from ..evaluation.per_class_table import nan_to_null
 from ..output_files import save_new_file
-
-
-#: The two measures, by the name the tool's tables and files give them.
-MEASURES = {"positive mass": False, "centred": True}
 
 
 def inside_fractions(maps: torch.Tensor, gt: torch.Tensor, ignore_label: int, centred: bool = False) -> torch.Tensor:
@@ -46,6 +50,32 @@ def inside_fractions(maps: torch.Tensor, gt: torch.Tensor, ignore_label: int, ce
     return fractions
 
 
+def region_separation(maps: torch.Tensor, gt: torch.Tensor, ignore_label: int) -> torch.Tensor:
+    """``maps [S, K, H, W]``, ``gt [H, W]`` -> ``[S, K]`` float64 separations (ROC AUC of each map
+    for its class's region, over the labelled pixels); NaN for a class absent from ``gt`` or
+    covering all its labelled pixels."""
+    s, k = maps.shape[:2]
+    valid = gt != ignore_label
+    values = maps.double()[:, :, valid].reshape(s * k, -1)  # [S*K, N]
+    ranks = torch.from_numpy(rankdata(values.numpy(), axis=-1)).view(s, k, -1)  # 1..N, ties averaged
+    on_class = torch.nn.functional.one_hot(gt[valid].long(), k).T.double()  # [K, N]
+    n_in = on_class.sum(-1)
+    n_out = on_class.shape[-1] - n_in
+    rank_sum = (ranks * on_class).sum(-1)  # [S, K]
+    auc = (rank_sum - n_in * (n_in + 1) / 2) / (n_in * n_out)
+    auc[:, (n_in == 0) | (n_out == 0)] = math.nan
+    return auc
+
+
+#: The measures, by the name the tool's tables and files give them: ``(maps [S, K, H, W], gt [H, W],
+#: ignore_label) -> [S, K]``, NaN where a class does not count.
+MEASURES: Dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "positive mass": inside_fractions,
+    "centred": functools.partial(inside_fractions, centred=True),
+    "separation": region_separation,
+}
+
+
 def area_fractions(gt: torch.Tensor, num_classes: int, ignore_label: int) -> torch.Tensor:
     """``[K]`` float64: each class's share of the labelled pixels; NaN for an absent class."""
     labels = gt[gt != ignore_label].long()
@@ -56,15 +86,15 @@ def area_fractions(gt: torch.Tensor, num_classes: int, ignore_label: int) -> tor
 
 
 class ConcentrationMeter:
-    """Averages :func:`inside_fractions` over images, per stage and class (mean over the images
-    that contain the class, NaN entries skipped), beside the mean area fraction."""
+    """Averages one of the :data:`MEASURES` (by name) over images, per stage and class (mean over the
+    images that contain the class, NaN entries skipped), beside the mean area fraction."""
 
     def __init__(self, stage_names: Sequence[str], class_names: Sequence[str], ignore_label: int,
-                 centred: bool = False):
+                 measure: str = "positive mass"):
         self.stage_names = list(stage_names)
         self.class_names = list(class_names)
         self.ignore_label = ignore_label
-        self.centred = centred
+        self.measure = MEASURES[measure]
         shape = (len(stage_names), len(class_names))
         self._sum = torch.zeros(shape, dtype=torch.float64)
         self._count = torch.zeros(shape, dtype=torch.float64)
@@ -73,8 +103,8 @@ class ConcentrationMeter:
         self.num_images = 0
 
     def add(self, maps: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """Adds one image (``maps [S, K, H, W]``, ``gt [H, W]``); returns its ``[S, K]`` fractions."""
-        fractions = inside_fractions(maps, gt, self.ignore_label, self.centred)
+        """Adds one image (``maps [S, K, H, W]``, ``gt [H, W]``); returns its ``[S, K]`` measures."""
+        fractions = self.measure(maps, gt, self.ignore_label)
         seen = ~fractions.isnan()
         self._sum += fractions.nan_to_num(0.0)
         self._count += seen

@@ -4,10 +4,11 @@ weight decay on norm layers and a few named parameters, a larger learning rate f
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
-from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from detectron2.solver.build import reduce_param_groups
 from torch import nn
 
 from ..modeling.mmseg_names import ours_to_authors
+from .gradient_clipping import build_gradient_clipper, with_gradient_clipping
 
 _NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -109,27 +110,30 @@ PARAM_GROUP_RULES: Dict[str, Callable] = {
 }
 
 
-def _adamw(cfg, params) -> torch.optim.Optimizer:
-    cls = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
-    return cls(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+def _adamw(cfg) -> Tuple[type, Dict[str, Any]]:
+    return torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR, "betas": tuple(cfg.SOLVER.BETAS),
+                               "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
 
 
-def _sgd(cfg, params) -> torch.optim.Optimizer:
-    cls = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
-    return cls(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
+def _sgd(cfg) -> Tuple[type, Dict[str, Any]]:
+    return torch.optim.SGD, {"lr": cfg.SOLVER.BASE_LR, "momentum": cfg.SOLVER.MOMENTUM,
+                             "nesterov": cfg.SOLVER.NESTEROV}
 
 
-#: cfg.SOLVER.OPTIMIZER -> builder(cfg, param_groups).
+#: cfg.SOLVER.OPTIMIZER -> builder(cfg) of (optimizer class, its keyword arguments).
 OPTIMIZERS: Dict[str, Callable] = {"ADAMW": _adamw, "SGD": _sgd}
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.SOLVER.OPTIMIZER`` over the parameter groups of the
-    ``cfg.SOLVER.PARAM_GROUPS`` rule, with Detectron2's ``SOLVER.CLIP_GRADIENTS``."""
+    ``cfg.SOLVER.PARAM_GROUPS`` rule, with Detectron2's ``SOLVER.CLIP_GRADIENTS`` (as foreach ops:
+    :mod:`.gradient_clipping`)."""
     if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {sorted(OPTIMIZERS)}, got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.SOLVER.PARAM_GROUPS not in PARAM_GROUP_RULES:
         raise ValueError(f"SOLVER.PARAM_GROUPS must be one of {sorted(PARAM_GROUP_RULES)}, "
                          f"got {cfg.SOLVER.PARAM_GROUPS!r}")
     params = PARAM_GROUP_RULES[cfg.SOLVER.PARAM_GROUPS](cfg, model)
-    return OPTIMIZERS[cfg.SOLVER.OPTIMIZER](cfg, params)
+    optimizer_class, kwargs = OPTIMIZERS[cfg.SOLVER.OPTIMIZER](cfg)
+    clipper = build_gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS)
+    return with_gradient_clipping(optimizer_class, clipper)(params, **kwargs)

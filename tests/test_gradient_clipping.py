@@ -65,6 +65,9 @@ def test_build_optimizer_clips_as_configured():
     model = build_model(tiny_cfg())
     clipped = build_optimizer(tiny_cfg(), model)  # the synthetic config clips by norm
     assert type(clipped).__name__ == "AdamWWithGradientClip" and isinstance(clipped, torch.optim.AdamW)
+    before = [p.detach().clone() for p in model.parameters()]
+    clipped.step()  # no gradient yet: nothing to clip, nothing to update
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert type(build_optimizer(tiny_cfg({"SOLVER.CLIP_GRADIENTS.ENABLED": False}), model)) is torch.optim.AdamW
     with pytest.raises(ValueError, match="CLIP_TYPE must be one of \\['norm', 'value'\\], got 'full_model'"):
         build_optimizer(tiny_cfg({"SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model"}), model)

@@ -59,7 +59,9 @@ def with_gradient_clipping(optimizer_class: Type[torch.optim.Optimizer],
         return optimizer_class
 
     def step(self, closure=None):
-        clipper([p.grad for group in self.param_groups for p in group["params"] if p.grad is not None])
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:  # none before the first backward, or with every parameter frozen
+            clipper(grads)
         return optimizer_class.step(self, closure)
 
     return type(f"{optimizer_class.__name__}WithGradientClip", (optimizer_class,), {"step": step})

@@ -26,11 +26,11 @@ os.environ["STRUCTTOKEN_D2_FORCE_PYTORCH_OPS"] = "1"  # count the reference ops,
 
 import structtoken_d2  # noqa: E402,F401  (registrations)
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
-from structtoken_d2 import add_structtoken_config  # noqa: E402
+from structtoken_d2.config_loading import load_config  # noqa: E402
+from structtoken_d2.engine.user_errors import exit_on_user_error  # noqa: E402
 from structtoken_d2.modeling.paper_numbers import PAPER_COMPLEXITY  # noqa: E402
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -39,10 +39,7 @@ _ATTN_MODULE = re.compile(r"^model\.backbone\.vit\.blocks\.\d+\.attn$")
 
 
 def load_cfg(path, opts=()):
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(path, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.VIT.WEIGHTS = ""
     return cfg
@@ -125,6 +122,7 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+@exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", action="append", default=[], help="config to analyse (repeatable)")

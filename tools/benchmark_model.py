@@ -21,12 +21,13 @@ from typing import Tuple
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 import torch
-from detectron2.config import get_cfg
-from structtoken_d2 import add_structtoken_config, ops
+from structtoken_d2 import ops
+from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
 from structtoken_d2.engine.model_benchmark import (
     INFERENCE_SCENARIOS, OPS_IMPLEMENTATIONS, ModelBenchmark, markdown_table, run_metadata, training_crop_size,
     variants,
 )
+from structtoken_d2.engine.user_errors import exit_on_user_error
 from structtoken_d2.output_files import replace_file
 
 
@@ -71,25 +72,15 @@ def parse_args(argv=None):
         parser.error("--iters must be >= 1 and --warmup >= 0")
     if args.json and os.path.exists(args.json) and not args.overwrite:
         parser.error(f"--json {args.json} exists; give another file or --overwrite")
-    if not os.path.isfile(args.config_file):
-        parser.error(f"--config-file {args.config_file}: no such file")
     return args
 
 
-def setup_config(args):
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
+@exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = setup_config(args)
+    cfg = load_config(args.config_file, args.opts)
+    use_cpu_without_gpu(cfg)
+    cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
     ops_names = list(dict.fromkeys(args.ops))
     if "kernels" in ops_names and device.type not in ops.COMPILED_DEVICE_TYPES:
@@ -101,6 +92,8 @@ def main(argv=None) -> int:
         variant_list = variants(ops_names, vary)
     except ValueError as e:
         sys.exit(f"benchmark_model: {e}")
+    for variant in variant_list:  # every varied value is checked before the first model is built
+        load_config(args.config_file, list(args.opts) + [item for pair in variant.overrides for item in pair])
     metadata = run_metadata(sys.argv if argv is None else ["tools/benchmark_model.py"] + list(argv), device)
 
     def progress(line):

@@ -17,13 +17,11 @@ import os
 import sys
 
 import cv2
-import torch
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
-from structtoken_d2 import add_structtoken_config
+from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
 from structtoken_d2.data import read_image_file, read_sem_seg_label
 from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import StructTokenPredictor
@@ -54,12 +52,8 @@ def write_png(path: str, image_bgr) -> None:
 @exit_on_user_error
 def main():
     args = parse_args()
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
+    use_cpu_without_gpu(cfg)
     cfg.TEST.AUG.ENABLED = args.tta  # the predictor's test-time augmentation: --tta's, not the config's
     cfg.freeze()
     for name in ("detectron2", "structtoken_d2"):

@@ -17,11 +17,9 @@ import sys
 from datetime import timedelta
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
-import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
-from structtoken_d2 import add_structtoken_config
+from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
 from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import ProcessFailedError, Trainer, add_launch_arguments, launch, setup_process
 from structtoken_d2.engine.dataset_checks import check_datasets, datasets_used
@@ -33,13 +31,8 @@ logger = logging.getLogger("structtoken_d2")
 
 def setup(args):
     """Config from defaults + file + command-line overrides; CPU when no GPU is present."""
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
-    if cpu_fallback:
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
+    cpu_fallback = use_cpu_without_gpu(cfg)
     cfg.freeze()
     setup_process(cfg, args)
     if cpu_fallback:
@@ -47,7 +40,7 @@ def setup(args):
     return cfg
 
 
-@exit_on_user_error  # bad data files, datasets, class counts, checkpoints: one line, no traceback
+@exit_on_user_error  # bad config keys, data files, datasets, class counts, checkpoints: one line, no traceback
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -64,9 +57,17 @@ def main(args):
     return trainer.train()
 
 
+@exit_on_user_error
+def check_config(args):
+    """Before any process starts: a missing file, unknown key or wrong value is one line, not a
+    traceback from every process."""
+    load_config(args.config_file, args.opts)
+
+
 if __name__ == "__main__":
     args = add_launch_arguments(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
+    check_config(args)
     try:
         launch(
             main,

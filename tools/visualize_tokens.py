@@ -35,9 +35,8 @@ import sys
 import torch
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from structtoken_d2 import add_structtoken_config
+from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
 from structtoken_d2.data import read_image_file, read_sem_seg_label
 from structtoken_d2.data.datasets import IGNORE_LABEL, register_folder_datasets_from_config
 from structtoken_d2.data.datasets.folder import IMAGE_EXTENSIONS
@@ -116,12 +115,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.gt and not args.input:
         sys.exit("--gt goes with --input (a --dataset brings its own ground truth)")
-    cfg = get_cfg()
-    add_structtoken_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
+    use_cpu_without_gpu(cfg)
     cfg.MODEL.COMPILE = False  # the maps are read with forward hooks on the eager blocks
     cfg.TEST.AUG.ENABLED = False  # the maps are of one whole-image pass at the test scale
     cfg.freeze()

@@ -1,4 +1,4 @@
-"""Errors in the user's input (data files, datasets, class counts, checkpoints) whose message says
+"""Errors in the user's input (config keys and values, data files, datasets, class counts, checkpoints) whose message says
 everything: the command-line tools print them as one line and exit, without a traceback."""
 import functools
 import os
@@ -6,12 +6,13 @@ import sys
 
 from detectron2.utils import comm
 
+from ..config_loading import ConfigError
 from ..data import DataFileError
 from ..data.datasets import DatasetNotFoundError
 from ..modeling.checkpoint import ClassCountMismatchError, NoLoadableCheckpointError
 from .predictor import WeightsNotFoundError
 
-USER_ERRORS = (DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError,
+USER_ERRORS = (ConfigError, DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError,
                WeightsNotFoundError)
 
 

@@ -1,5 +1,5 @@
-"""StructTokenCheckpointer: atomic saves, --resume falling back past a broken checkpoint, and
-fine-tuning a checkpoint to another class count."""
+"""StructTokenCheckpointer: atomic saves, --resume falling back past a broken checkpoint,
+fine-tuning a checkpoint to another class count, and refusing a checkpoint of another model."""
 import logging
 import os
 
@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
-from structtoken_d2.modeling import ClassCountMismatchError, StructTokenCheckpointer
+from structtoken_d2.modeling import CheckpointMismatchError, ClassCountMismatchError, StructTokenCheckpointer
 from structtoken_d2.modeling.checkpoint import NoLoadableCheckpointError
 from tiny_runs import captured_logs, tiny_cfg
 
@@ -22,10 +22,10 @@ def tiny_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (4, 0), "val": (2, 1)})
 
 
-def _model(num_classes=6, variant="CSE", seed=0):
+def _model(num_classes=6, variant="CSE", seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_cfg({"MODEL.SEM_SEG_HEAD.NUM_CLASSES": num_classes, "MODEL.STRUCTTOKEN.VARIANT": variant,
-                    "DATASETS.TRAIN": (), "DATASETS.TEST": ()})
+                    "DATASETS.TRAIN": (), "DATASETS.TEST": (), **overrides})
     return build_model(cfg)
 
 
@@ -160,3 +160,28 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     StructTokenCheckpointer(target, save_dir=str(tmp_path)).resume_or_load("", resume=True)
     assert sent[-1] == (str(tmp_path / "model_b.pth"), None)
     torch.testing.assert_close(target.sem_seg_head.tokens, second.sem_seg_head.tokens, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("other, expected", [
+    ({"MODEL.STRUCTTOKEN.NUM_BLOCKS": 1}, r"\d+ tensor\(s\) the model does not have \(sem_seg_head\.layers\.1\."),
+    # (a CSE block that is not the last has a feature FFN, ffn2)
+    ({"MODEL.STRUCTTOKEN.NUM_BLOCKS": 3}, r"\d+ model tensor\(s\) missing from it \(sem_seg_head\.layers\.1\.ffn2"),
+    ({"MODEL.STRUCTTOKEN.VARIANT": "PWE"}, r"missing from it .*; \d+ tensor\(s\) the model does not have"),
+    ({"MODEL.VIT.EMBED_DIM": 48}, r"tensor\(s\) of another shape \(backbone\.[^:]+: \[\d+(, \d+)*\] in the "
+                                  r"checkpoint, \[\d+(, \d+)*\] in the model"),
+])
+def test_a_checkpoint_of_another_model_is_refused_with_what_differs(tmp_path, other, expected):
+    source = _model(variant="CSE", **{"MODEL.STRUCTTOKEN.NUM_BLOCKS": 2})
+    StructTokenCheckpointer(source, save_dir=str(tmp_path)).save("trained")
+    path = str(tmp_path / "trained.pth")
+    target = _model(**{"MODEL.STRUCTTOKEN.NUM_BLOCKS": 2, **other})
+    with pytest.raises(CheckpointMismatchError, match=expected) as error:
+        StructTokenCheckpointer(target).load(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} does not fit the model of this config: ")
+    assert "Use the config it was trained with" in message
+
+    same = _model(variant="CSE", seed=1, **{"MODEL.STRUCTTOKEN.NUM_BLOCKS": 2})  # the same model loads
+    StructTokenCheckpointer(same).load(path)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -9,11 +9,11 @@ from detectron2.utils import comm
 from ..config_loading import ConfigError
 from ..data import DataFileError
 from ..data.datasets import DatasetNotFoundError
-from ..modeling.checkpoint import ClassCountMismatchError, NoLoadableCheckpointError
+from ..modeling.checkpoint import CheckpointMismatchError, ClassCountMismatchError, NoLoadableCheckpointError
 from .predictor import WeightsNotFoundError
 
-USER_ERRORS = (ConfigError, DataFileError, DatasetNotFoundError, ClassCountMismatchError, NoLoadableCheckpointError,
-               WeightsNotFoundError)
+USER_ERRORS = (ConfigError, DataFileError, DatasetNotFoundError, ClassCountMismatchError, CheckpointMismatchError,
+               NoLoadableCheckpointError, WeightsNotFoundError)
 
 
 def user_error_message(error: BaseException) -> str:

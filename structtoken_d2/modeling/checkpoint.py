@@ -1,10 +1,12 @@
-"""Class-count checks for checkpoints, and a Detectron2 checkpointer that applies them, saves
+"""Class-count and fit checks for checkpoints, and a Detectron2 checkpointer that applies them, saves
 atomically and resumes from the newest checkpoint that loads.
 
-Detectron2's (fvcore's) checkpointer drops parameters whose shapes differ from the model's with
-only a warning, so a checkpoint trained for another dataset would load "successfully" with
-randomly initialised structure tokens and final block. :class:`StructTokenCheckpointer` raises
-instead (``model.load_state_dict`` raises the same error through the head), unless it is asked to
+Detectron2's (fvcore's) checkpointer drops parameters whose shapes differ from the model's, and
+leaves those the checkpoint lacks at their initialisation, with only a warning: a checkpoint
+trained for another dataset or with another config (width, depth, variant) would load
+"successfully" into a partly random model. :class:`StructTokenCheckpointer` raises instead
+(:class:`ClassCountMismatchError` for the class count, which ``model.load_state_dict`` also raises
+through the head; :class:`CheckpointMismatchError` for anything else), unless it is asked to
 fine-tune to another class count (``MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS``).
 """
 import logging
@@ -28,6 +30,11 @@ class ClassCountMismatchError(ValueError):
     """A checkpoint or dataset has a different number of classes from MODEL.SEM_SEG_HEAD.NUM_CLASSES."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the model built from the config (other shapes, missing or
+    extra tensors), beyond a class count that the checkpointer was told to re-initialise."""
+
+
 class NoLoadableCheckpointError(FileNotFoundError):
     """``--resume`` found a ``last_checkpoint`` tag but no checkpoint in the directory loads."""
 
@@ -41,6 +48,30 @@ def check_num_classes(tokens_shape: Sequence[int], num_classes: int, key: str = 
             f"for {num_classes} (MODEL.SEM_SEG_HEAD.NUM_CLASSES): use a checkpoint of this dataset, set "
             f"NUM_CLASSES to match, or fine-tune with MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS True"
         )
+
+
+def check_fits(incompatible, path: str) -> None:
+    """Raise :class:`CheckpointMismatchError` if fvcore's ``incompatible`` (``missing_keys``,
+    ``unexpected_keys``, ``incorrect_shapes`` of loading ``path``) lists anything."""
+    def some(items):
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    problems = []
+    if incompatible.incorrect_shapes:
+        problems.append(f"{len(incompatible.incorrect_shapes)} tensor(s) of another shape (" + some(
+            [f"{k}: {list(c)} in the checkpoint, {list(m)} in the model" for k, c, m in incompatible.incorrect_shapes])
+            + ")")
+    if incompatible.missing_keys:
+        problems.append(f"{len(incompatible.missing_keys)} model tensor(s) missing from it ("
+                        f"{some(incompatible.missing_keys)})")
+    if incompatible.unexpected_keys:
+        problems.append(f"{len(incompatible.unexpected_keys)} tensor(s) the model does not have ("
+                        f"{some(incompatible.unexpected_keys)})")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path} does not fit the model of this config: {'; '.join(problems)}. Use the config it was trained "
+            f"with (training saves it as config.yaml in its OUTPUT_DIR); a backbone-only file goes in "
+            f"MODEL.VIT.WEIGHTS")
 
 
 def _short_reason(error: Exception) -> str:
@@ -72,6 +103,7 @@ class StructTokenCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.reinit_class_dependent = reinit_class_dependent
         self._preloaded: Optional[Tuple[str, Dict]] = None
+        self._loading: Optional[str] = None  # the file load() is reading, for the fit check's message
 
     # ------------------------------------------------------------------ saving
     def save(self, name: str, **kwargs: Any) -> None:
@@ -155,7 +187,18 @@ class StructTokenCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     # ----------------------------------------------------------------- loading
+    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        """fvcore's, refusing a checkpoint that does not fit the model (:func:`check_fits`; the model
+        is then partly loaded and must not be used)."""
+        self._loading = path
+        return super().load(path, checkpointables)
+
     def _load_model(self, checkpoint):
+        incompatible = self._load_model_tensors(checkpoint)
+        check_fits(incompatible, self._loading or "the checkpoint")
+        return incompatible
+
+    def _load_model_tensors(self, checkpoint):
         """fvcore's, after the class-count check; when fine-tuning to another class count, the head
         tensors fvcore leaves out for their shape are listed in one warning (instead of fvcore's
         warning per tensor and its "not found in the checkpoint" list)."""

@@ -12,8 +12,8 @@ from detectron2.utils import comm
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
 from structtoken_d2.modeling import CheckpointMismatchError, ClassCountMismatchError, StructTokenCheckpointer
-from structtoken_d2.modeling.checkpoint import NoLoadableCheckpointError
-from tiny_runs import captured_logs, tiny_cfg
+from structtoken_d2.modeling.checkpoint import NoLoadableCheckpointError, WeightsNotFoundError
+from tiny_runs import SHAPES_CONFIG, captured_logs, load_tool, restored_loggers, tiny_cfg, tiny_opts
 
 
 @pytest.fixture
@@ -185,3 +185,35 @@ def test_a_checkpoint_of_another_model_is_refused_with_what_differs(tmp_path, ot
     StructTokenCheckpointer(same).load(path)
     for key, value in source.state_dict().items():
         torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_missing_checkpoint_file_is_named(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match=f"^{tmp_path / 'nope.pth'}: no such checkpoint file$"):
+        StructTokenCheckpointer(_model()).load(str(tmp_path / "nope.pth"))
+
+
+def test_eval_only_needs_trained_weights_or_a_checkpoint_to_resume(tiny_shapes, tmp_path, monkeypatch):
+    """Not a random model evaluated: without MODEL.WEIGHTS (or --resume with a checkpoint in
+    OUTPUT_DIR) --eval-only stops with one line before writing anything."""
+    train_net = load_tool("train_net")
+    monkeypatch.setattr("sys.argv", ["train_net.py"])
+    out = tmp_path / "out"
+
+    def eval_only(*extra):
+        args = train_net.default_argument_parser().parse_args(
+            ["--config-file", str(SHAPES_CONFIG), "--eval-only", *extra]
+            + [str(o) for o in tiny_opts({"OUTPUT_DIR": str(out), "TEST.AUG.ENABLED": False})])
+        with restored_loggers():
+            return train_net.main(args)
+
+    for extra in ((), ("--resume",)):
+        with pytest.raises(SystemExit) as exit_info:
+            eval_only(*extra)
+        assert str(exit_info.value.code) == (
+            "train_net.py: error: MODEL.WEIGHTS '' is not a file: pass MODEL.WEIGHTS path/to/model_final.pth (a "
+            "trained model) to evaluate, or --resume to evaluate the last checkpoint of OUTPUT_DIR")
+        assert not out.exists()
+    out.mkdir()
+    StructTokenCheckpointer(_model(variant="PWE"), save_dir=str(out)).save("model_final")
+    results = eval_only("--resume")
+    assert set(results["sem_seg"]) >= {"mIoU", "fwIoU", "mACC", "pACC"}

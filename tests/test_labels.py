@@ -102,10 +102,13 @@ def test_command_line_reports_a_bad_label_in_one_line(tmp_path, monkeypatch):
     bad = root / "labels" / "val" / "1.png"
     cv2.imwrite(str(bad), np.full((24, 40), 4, np.uint8))
     train_net = load_tool("train_net")
+    untrained = train_net.Trainer.build_model(tiny_cfg({"MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3, "DATASETS.TRAIN": (),
+                                                        "DATASETS.TEST": ()}))
+    train_net.StructTokenCheckpointer(untrained, save_dir=str(tmp_path)).save("untrained")
     opts = tiny_opts({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": ["bg", "a", "b"],
                       "DATASETS.TRAIN": ("folder_train",), "DATASETS.TEST": ("folder_val",),
                       "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3, "DATALOADER.NUM_WORKERS": 1,
-                      "OUTPUT_DIR": str(tmp_path / "out")})
+                      "MODEL.WEIGHTS": str(tmp_path / "untrained.pth"), "OUTPUT_DIR": str(tmp_path / "out")})
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(SHAPES_CONFIG), "--eval-only"] + [str(o) for o in opts])
     monkeypatch.setattr("sys.argv", ["train_net.py"])

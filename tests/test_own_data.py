@@ -103,8 +103,11 @@ def test_class_count_of_own_data_is_checked_before_building_the_model(tmp_path, 
     with pytest.raises(ClassCountMismatchError, match="'folder_train' has 3 classes.*NUM_CLASSES 3"):
         Trainer(cfg)
     train_net = load_tool("train_net")  # and for --eval-only, through the command line
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"")  # a file, never read: the class count is checked first
     opts = tiny_opts({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": ["bg", "a", "b"],
-                      "DATASETS.TEST": ("folder_val",), "OUTPUT_DIR": str(tmp_path / "out")})
+                      "DATASETS.TEST": ("folder_val",), "MODEL.WEIGHTS": str(weights),
+                      "OUTPUT_DIR": str(tmp_path / "out")})
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(SHAPES_CONFIG), "--eval-only"] + [str(o) for o in opts])
     with restored_loggers(), pytest.raises(SystemExit, match="'folder_val' has 3 classes"):

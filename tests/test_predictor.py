@@ -16,7 +16,7 @@ from structtoken_d2 import add_structtoken_config
 from structtoken_d2.data.datasets import register_folder_dataset
 from structtoken_d2.data.transforms import keep_ratio_size
 from structtoken_d2.engine import StructTokenPredictor, Trainer
-from structtoken_d2.engine.predictor import WeightsNotFoundError
+from structtoken_d2.modeling.checkpoint import WeightsNotFoundError
 from structtoken_d2.modeling import StructTokenCheckpointer
 from structtoken_d2.modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from tiny_runs import REPO, tiny_cfg

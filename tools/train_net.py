@@ -24,14 +24,25 @@ from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import ProcessFailedError, Trainer, add_launch_arguments, launch, setup_process
 from structtoken_d2.engine.dataset_checks import check_datasets, datasets_used
 from structtoken_d2.engine.user_errors import exit_on_user_error
-from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
+from structtoken_d2.modeling.checkpoint import LAST_CHECKPOINT_TAG, StructTokenCheckpointer, check_trained_weights
 
 logger = logging.getLogger("structtoken_d2")
 
 
-def setup(args):
-    """Config from defaults + file + command-line overrides; CPU when no GPU is present."""
+def checked_config(args):
+    """Config from defaults + file + command-line overrides (:func:`load_config`), after checking that
+    ``--eval-only`` has a model to evaluate: ``MODEL.WEIGHTS``, or ``--resume`` with a checkpoint in
+    ``OUTPUT_DIR`` (Detectron2 would evaluate a random model). Writes nothing."""
     cfg = load_config(args.config_file, args.opts)
+    if args.eval_only and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT_TAG))):
+        check_trained_weights(cfg.MODEL.WEIGHTS, hint=" to evaluate, or --resume to evaluate the last checkpoint "
+                              "of OUTPUT_DIR")
+    return cfg
+
+
+def setup(args):
+    """:func:`checked_config`, on CPU when no GPU is present; then the process set-up (logs, OUTPUT_DIR)."""
+    cfg = checked_config(args)
     cpu_fallback = use_cpu_without_gpu(cfg)
     cfg.freeze()
     setup_process(cfg, args)
@@ -58,16 +69,16 @@ def main(args):
 
 
 @exit_on_user_error
-def check_config(args):
-    """Before any process starts: a missing file, unknown key or wrong value is one line, not a
-    traceback from every process."""
-    load_config(args.config_file, args.opts)
+def check_arguments(args):
+    """:func:`checked_config` before any process starts: a missing file, an unknown key, a wrong value
+    or no model to evaluate is one line, not a traceback from every process."""
+    checked_config(args)
 
 
 if __name__ == "__main__":
     args = add_launch_arguments(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
-    check_config(args)
+    check_arguments(args)
     try:
         launch(
             main,

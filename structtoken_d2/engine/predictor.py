@@ -1,6 +1,5 @@
 """Inference with a trained model: :func:`load_trained_model` (what the tools use) and
 :class:`StructTokenPredictor`, a Detectron2 ``DefaultPredictor`` that predicts as the evaluation does."""
-import os
 from typing import Dict
 
 import numpy as np
@@ -12,26 +11,19 @@ from torch import nn
 
 from ..data import build_dataset_mapper
 from ..data.datasets import register_folder_datasets_from_config
-from ..modeling.checkpoint import StructTokenCheckpointer
+from ..modeling.checkpoint import StructTokenCheckpointer, check_trained_weights
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from .trainer import Trainer
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """``MODEL.WEIGHTS`` is empty or names no file, where a trained model is needed."""
 
 
 def load_trained_model(cfg) -> nn.Module:
     """``cfg``'s model (:meth:`Trainer.build_model`) with the weights ``MODEL.WEIGHTS`` (a file, or a
     URL Detectron2's checkpointer fetches) loaded by :class:`StructTokenCheckpointer`, which refuses
-    a checkpoint of another class count; in eval mode. Raises :class:`WeightsNotFoundError` when
+    a checkpoint that does not fit the model; in eval mode. Raises :class:`WeightsNotFoundError` when
     ``MODEL.WEIGHTS`` is empty or not a file."""
-    weights = cfg.MODEL.WEIGHTS
-    if not weights or ("://" not in weights and not os.path.isfile(weights)):
-        raise WeightsNotFoundError(f"MODEL.WEIGHTS {weights!r} is not a file: pass MODEL.WEIGHTS "
-                                   f"path/to/model_final.pth (a trained model)")
+    check_trained_weights(cfg.MODEL.WEIGHTS)
     model = Trainer.build_model(cfg)
-    StructTokenCheckpointer(model).load(weights)
+    StructTokenCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 

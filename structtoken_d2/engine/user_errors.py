@@ -9,8 +9,9 @@ from detectron2.utils import comm
 from ..config_loading import ConfigError
 from ..data import DataFileError
 from ..data.datasets import DatasetNotFoundError
-from ..modeling.checkpoint import CheckpointMismatchError, ClassCountMismatchError, NoLoadableCheckpointError
-from .predictor import WeightsNotFoundError
+from ..modeling.checkpoint import (
+    CheckpointMismatchError, ClassCountMismatchError, NoLoadableCheckpointError, WeightsNotFoundError,
+)
 
 USER_ERRORS = (ConfigError, DataFileError, DatasetNotFoundError, ClassCountMismatchError, CheckpointMismatchError,
                NoLoadableCheckpointError, WeightsNotFoundError)

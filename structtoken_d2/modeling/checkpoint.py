@@ -35,6 +35,10 @@ class CheckpointMismatchError(ValueError):
     extra tensors), beyond a class count that the checkpointer was told to re-initialise."""
 
 
+class WeightsNotFoundError(FileNotFoundError):
+    """``MODEL.WEIGHTS`` (or another checkpoint path) is empty or names no file, where one is needed."""
+
+
 class NoLoadableCheckpointError(FileNotFoundError):
     """``--resume`` found a ``last_checkpoint`` tag but no checkpoint in the directory loads."""
 
@@ -48,6 +52,14 @@ def check_num_classes(tokens_shape: Sequence[int], num_classes: int, key: str = 
             f"for {num_classes} (MODEL.SEM_SEG_HEAD.NUM_CLASSES): use a checkpoint of this dataset, set "
             f"NUM_CLASSES to match, or fine-tune with MODEL.STRUCTTOKEN.REINIT_CLASS_DEPENDENT_WEIGHTS True"
         )
+
+
+def check_trained_weights(weights: str, hint: str = "") -> None:
+    """Raise :class:`WeightsNotFoundError` unless ``weights`` (``MODEL.WEIGHTS``, where a trained model
+    is needed) names a file or a URL; ``hint`` ends the message."""
+    if not weights or ("://" not in weights and not os.path.isfile(weights)):
+        raise WeightsNotFoundError(f"MODEL.WEIGHTS {weights!r} is not a file: pass MODEL.WEIGHTS "
+                                   f"path/to/model_final.pth (a trained model){hint}")
 
 
 def check_fits(incompatible, path: str) -> None:
@@ -188,8 +200,11 @@ class StructTokenCheckpointer(DetectionCheckpointer):
 
     # ----------------------------------------------------------------- loading
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
-        """fvcore's, refusing a checkpoint that does not fit the model (:func:`check_fits`; the model
-        is then partly loaded and must not be used)."""
+        """fvcore's, refusing a path that is not a file (:class:`WeightsNotFoundError`; URLs are
+        fvcore's to fetch) and a checkpoint that does not fit the model (:func:`check_fits`; the
+        model is then partly loaded and must not be used)."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise WeightsNotFoundError(f"{path}: no such checkpoint file")
         self._loading = path
         return super().load(path, checkpointables)
 

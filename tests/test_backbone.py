@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import structtoken_d2  # noqa: F401  (registrations)
 from detectron2.modeling import BACKBONE_REGISTRY
-from structtoken_d2.modeling import TimmViT
+from structtoken_d2.modeling import CheckpointMismatchError, TimmViT
 
 ARCH = dict(embed_dim=32, depth=2, num_heads=2)  # a tiny vit_tiny_patch16_384
 
@@ -132,7 +132,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
                                embed_dim=32, depth=3, num_heads=2)
     path = str(tmp_path / "deeper.pth")
     torch.save(deeper.state_dict(), path)
-    with pytest.raises(RuntimeError, match=r"unexpected keys \['blocks\.2"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \['blocks\.2"):
         make_backbone(weights=path)
 
 

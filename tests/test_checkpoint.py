@@ -217,3 +217,21 @@ def test_eval_only_needs_trained_weights_or_a_checkpoint_to_resume(tiny_shapes, 
     StructTokenCheckpointer(_model(variant="PWE"), save_dir=str(out)).save("model_final")
     results = eval_only("--resume")
     assert set(results["sem_seg"]) >= {"mIoU", "fwIoU", "mACC", "pACC"}
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("MODEL.WEIGHTS", "MODEL.WEIGHTS '{path}' is not a file: pass MODEL.WEIGHTS path/to/model_final.pth (a trained "
+                      "model) to start from, or '' to train from MODEL.VIT.WEIGHTS"),
+    ("MODEL.VIT.WEIGHTS", "MODEL.VIT.WEIGHTS: no such file: '{path}' (weights are never downloaded; give a local timm "
+                          "or mmseg .pth/.safetensors or augreg .npz, or '' for random init)"),
+])
+def test_training_from_a_missing_weight_file_stops_before_writing(tmp_path, monkeypatch, key, hint):
+    train_net = load_tool("train_net")
+    monkeypatch.setattr("sys.argv", ["train_net.py"])
+    out, path = tmp_path / "out", tmp_path / "nope.pth"
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", str(SHAPES_CONFIG)] + [str(o) for o in tiny_opts({"OUTPUT_DIR": str(out), key: str(path)})])
+    with restored_loggers(), pytest.raises(SystemExit) as exit_info:
+        train_net.main(args)
+    assert str(exit_info.value.code) == "train_net.py: error: " + hint.format(path=path)
+    assert not out.exists()

@@ -24,19 +24,25 @@ from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import ProcessFailedError, Trainer, add_launch_arguments, launch, setup_process
 from structtoken_d2.engine.dataset_checks import check_datasets, datasets_used
 from structtoken_d2.engine.user_errors import exit_on_user_error
+from structtoken_d2.modeling.backbone import check_vit_weights_file
 from structtoken_d2.modeling.checkpoint import LAST_CHECKPOINT_TAG, StructTokenCheckpointer, check_trained_weights
 
 logger = logging.getLogger("structtoken_d2")
 
 
 def checked_config(args):
-    """Config from defaults + file + command-line overrides (:func:`load_config`), after checking that
-    ``--eval-only`` has a model to evaluate: ``MODEL.WEIGHTS``, or ``--resume`` with a checkpoint in
-    ``OUTPUT_DIR`` (Detectron2 would evaluate a random model). Writes nothing."""
+    """Config from defaults + file + command-line overrides (:func:`load_config`), after checking the
+    weight files it names: ``MODEL.VIT.WEIGHTS`` and ``MODEL.WEIGHTS`` when set (unless ``--resume``
+    finds a checkpoint in ``OUTPUT_DIR``), and that ``--eval-only`` has a model to evaluate (Detectron2
+    would evaluate a random one). Writes nothing."""
     cfg = load_config(args.config_file, args.opts)
-    if args.eval_only and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT_TAG))):
+    check_vit_weights_file(cfg.MODEL.VIT.WEIGHTS)
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT_TAG))
+    if args.eval_only and not resuming:
         check_trained_weights(cfg.MODEL.WEIGHTS, hint=" to evaluate, or --resume to evaluate the last checkpoint "
                               "of OUTPUT_DIR")
+    elif cfg.MODEL.WEIGHTS and not resuming:
+        check_trained_weights(cfg.MODEL.WEIGHTS, hint=" to start from, or '' to train from MODEL.VIT.WEIGHTS")
     return cfg
 
 

@@ -24,6 +24,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ..checkpoint import CheckpointMismatchError, WeightsNotFoundError
 from ..mmseg_names import is_mmseg_vit_layout, vit_name_to_ours
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,13 @@ def _read_npz_state_dict(backbone: TimmViT, path: str) -> Dict[str, torch.Tensor
     return donor.state_dict()
 
 
+def check_vit_weights_file(path: str) -> None:
+    """Raise :class:`WeightsNotFoundError` unless ``path`` (``MODEL.VIT.WEIGHTS``) is empty or a file."""
+    if path and not os.path.isfile(path):
+        raise WeightsNotFoundError(f"MODEL.VIT.WEIGHTS: no such file: {path!r} (weights are never downloaded; give a "
+                                   f"local timm or mmseg .pth/.safetensors or augreg .npz, or '' for random init)")
+
+
 def load_vit_weights(backbone: TimmViT, path: str) -> None:
     """Load ImageNet weights from a local file into ``backbone.vit``.
 
@@ -216,14 +224,13 @@ def load_vit_weights(backbone: TimmViT, path: str) -> None:
     load; detected from the keys, renamed by :mod:`..mmseg_names`); or a big_vision / augreg
     ``.npz`` (read by timm's loader). Position
     embeddings of another grid are resized (:func:`resize_pos_embed`). The classifier and, with
-    ``final_norm=False``, the final norm are ignored; any other missing or unexpected key raises.
+    ``final_norm=False``, the final norm are ignored; any other missing or unexpected key raises
+    :class:`CheckpointMismatchError`, a missing file :class:`WeightsNotFoundError`.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.VIT.WEIGHTS: no such file: {path!r} (weights are never downloaded; give a "
-                                f"local timm or mmseg .pth/.safetensors or augreg .npz, or '' for random init)")
+    check_vit_weights_file(path)
     state = _read_npz_state_dict(backbone, path) if path.endswith(".npz") else _read_torch_state_dict(path)
     if any(k.startswith(("decode_head.", "sem_seg_head.")) for k in state):
-        raise ValueError(f"MODEL.VIT.WEIGHTS {path} is a whole segmentation model, not ViT weights: load it with "
+        raise CheckpointMismatchError(f"MODEL.VIT.WEIGHTS {path} is a whole segmentation model, not ViT weights: load it with "
                          f"MODEL.WEIGHTS (an mmseg checkpoint of the authors: convert it first with "
                          f"tools/convert_mmseg_checkpoint.py)")
     if is_mmseg_vit_layout(state):
@@ -236,5 +243,6 @@ def load_vit_weights(backbone: TimmViT, path: str) -> None:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], src, backbone.pos_grid, backbone.num_prefix_tokens)
     missing, unexpected = backbone.vit.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{path} does not fit {backbone.arch}: missing keys {missing}, unexpected keys {unexpected}")
+        raise CheckpointMismatchError(f"MODEL.VIT.WEIGHTS {path} does not fit {backbone.arch}: missing keys {missing}, "
+                                      f"unexpected keys {unexpected}")
     logger.info(f"Loaded ViT weights from {path}" + (f" (ignored: {', '.join(unused)})" if unused else ""))

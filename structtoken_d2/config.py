@@ -21,8 +21,9 @@ def add_structtoken_config(cfg: CN) -> CN:
 # ---------------------------------------------------------------------------- model
 def _add_model_config(cfg: CN) -> None:
     # torch.compile the backbone and the head, for training and inference (nn.Module.compile(), in
-    # place: the state_dict keys, and so the checkpoints, are those of the eager model). The first
-    # iterations, and the first images of each new input size, are slow while they compile.
+    # place: the state_dict keys, and so the checkpoints, are those of the eager model), and the
+    # optimizer step with its gradient clipping (structtoken_d2/engine/compiled_optimizer_step.py).
+    # The first iterations, and the first images of each new input size, are slow while they compile.
     # tools/benchmark_model.py --compile measures what it gains on a machine (docs/benchmarks.md).
     cfg.MODEL.COMPILE = False
     cfg.MODEL.STRUCTTOKEN = CN()

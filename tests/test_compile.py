@@ -1,5 +1,6 @@
-"""torch.compile: the head with the custom ops captured as one graph (fullgraph=True), and MODEL.COMPILE
-models whose checkpoints are those of eager models, in training (save, resume) and inference."""
+"""torch.compile: the head with the custom ops captured as one graph (fullgraph=True), MODEL.COMPILE
+models whose checkpoints are those of eager models, in training (save, resume) and inference, and the
+compiled optimizer step, equal to the eager one (learning rate 0 included)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from detectron2.modeling import build_model
 from structtoken_d2 import ops
 from structtoken_d2.data.datasets import shapes
 from structtoken_d2.engine import Trainer
+from structtoken_d2.engine.compiled_optimizer_step import compile_optimizer_step
+from structtoken_d2.engine.gradient_clipping import build_gradient_clipper, with_gradient_clipping
+from structtoken_d2.engine.optimizer import build_optimizer
 from structtoken_d2.modeling import StructTokenHead
 from tiny_runs import Interrupt, tiny_cfg
 
@@ -67,6 +71,8 @@ def aot_eager_compile(monkeypatch):
     and autograd as inductor, without its minutes of C++ compilation on a small CPU."""
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, **{"backend": "aot_eager", **kw}))
+    compile_function = torch.compile  # and the optimizer step's
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_function(fn, **{"backend": "aot_eager", **kw}))
 
 
 def test_model_compile_keeps_the_eager_checkpoint_format(aot_eager_compile):
@@ -108,3 +114,45 @@ def test_compiled_training_checkpoints_and_resumes_like_eager(aot_eager_compile,
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == 2
     assert not torch.equal(final["model"]["sem_seg_head.tokens"], checkpoint["model"]["sem_seg_head.tokens"])
+
+
+@pytest.mark.parametrize("clip_type", ["norm", "value"])
+def test_the_compiled_optimizer_step_is_the_eager_one_learning_rate_0_included(clip_type):
+    """Clipping (large gradients, so it acts) + AdamW over steps whose learning rates change (one
+    recompilation) and include 0, with a gradient element that is always 0: dynamo traces AdamW's
+    capturable update, which divides by the step size and gives NaN there at lr 0; the eager step
+    leaves the parameter as it is."""
+    clip_cfg = tiny_cfg({"SOLVER.CLIP_GRADIENTS.CLIP_TYPE": clip_type}).SOLVER.CLIP_GRADIENTS
+    optimizer_class = with_gradient_clipping(torch.optim.AdamW, build_gradient_clipper(clip_cfg))
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 3), (5,), (2, 2, 3))]
+        groups = [{"params": params[:2], "weight_decay": 0.0}, {"params": params[2:], "weight_decay": 0.01}]
+        return params, optimizer_class(groups, lr=1e-3)
+
+    eager_params, eager = make()
+    compiled_params, compiled = make()
+    compile_optimizer_step(compiled, backend="eager")
+    for step, lr in enumerate([1e-3, 9e-4, 0.0, 0.0, 8e-4]):
+        for params, optimizer in ((eager_params, eager), (compiled_params, compiled)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)) * 5
+                p.grad[(0,) * p.dim()] = 0.0  # never a gradient: AdamW's second moment stays 0 there
+        eager.step()
+        compiled.step()
+        for e, c in zip(eager_params, compiled_params):
+            assert torch.isfinite(c).all(), f"step {step} (lr {lr}): non-finite parameters"
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=f"step {step} (lr {lr})")
+    assert not torch.equal(eager_params[0], make()[0][0])  # the steps moved the parameters
+
+
+def test_model_compile_compiles_the_optimizer_step():
+    model = build_model(tiny_cfg())
+    assert build_optimizer(tiny_cfg(), model).step.__func__.__name__ == "step"  # the class's own
+    compiled = build_optimizer(tiny_cfg({"MODEL.COMPILE": True}), model)
+    assert compiled.step.__func__.__qualname__.startswith("compile_optimizer_step.")
+    with pytest.raises(ValueError, match="takes no closure"):
+        compiled.step(lambda: 0.0)

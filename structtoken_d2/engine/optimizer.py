@@ -8,6 +8,7 @@ from detectron2.solver.build import reduce_param_groups
 from torch import nn
 
 from ..modeling.mmseg_names import ours_to_authors
+from .compiled_optimizer_step import compile_optimizer_step
 from .gradient_clipping import build_gradient_clipper, with_gradient_clipping
 
 _NORM_TYPES = (
@@ -127,7 +128,7 @@ OPTIMIZERS: Dict[str, Callable] = {"ADAMW": _adamw, "SGD": _sgd}
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.SOLVER.OPTIMIZER`` over the parameter groups of the
     ``cfg.SOLVER.PARAM_GROUPS`` rule, with Detectron2's ``SOLVER.CLIP_GRADIENTS`` (as foreach ops:
-    :mod:`.gradient_clipping`)."""
+    :mod:`.gradient_clipping`); with ``MODEL.COMPILE``, its step compiled (:mod:`.compiled_optimizer_step`)."""
     if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {sorted(OPTIMIZERS)}, got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.SOLVER.PARAM_GROUPS not in PARAM_GROUP_RULES:
@@ -136,4 +137,5 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     params = PARAM_GROUP_RULES[cfg.SOLVER.PARAM_GROUPS](cfg, model)
     optimizer_class, kwargs = OPTIMIZERS[cfg.SOLVER.OPTIMIZER](cfg)
     clipper = build_gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS)
-    return with_gradient_clipping(optimizer_class, clipper)(params, **kwargs)
+    optimizer = with_gradient_clipping(optimizer_class, clipper)(params, **kwargs)
+    return compile_optimizer_step(optimizer) if cfg.MODEL.COMPILE else optimizer

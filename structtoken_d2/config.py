@@ -23,6 +23,7 @@ def _add_model_config(cfg: CN) -> None:
     # torch.compile the backbone and the head, for training and inference (nn.Module.compile(), in
     # place: the state_dict keys, and so the checkpoints, are those of the eager model), and the
     # optimizer step with its gradient clipping (structtoken_d2/engine/compiled_optimizer_step.py).
+    # On a CPU the compiled code traces the ops' PyTorch reference (ops.COMPILE_TRACES_REFERENCE).
     # The first iterations, and the first images of each new input size, are slow while they compile.
     # tools/benchmark_model.py --compile measures what it gains on a machine (docs/benchmarks.md).
     cfg.MODEL.COMPILE = False

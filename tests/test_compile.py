@@ -1,4 +1,5 @@
-"""torch.compile: the head with the custom ops captured as one graph (fullgraph=True), MODEL.COMPILE
+"""torch.compile: the head with the custom ops captured as one graph (fullgraph=True), on CPU the
+reference ops traced instead, MODEL.COMPILE
 models whose checkpoints are those of eager models, in training (save, resume) and inference, and the
 compiled optimizer step, equal to the eager one (learning rate 0 included)."""
 import pytest
@@ -27,11 +28,10 @@ def small_head(variant):
                            token_size=(4, 4), drop_path_rate=0.0)
 
 
-@needs_kernels
-@pytest.mark.parametrize("variant", ["CSE", "PWE"])
-def test_head_with_the_custom_ops_compiles_as_one_graph(variant):
-    """fullgraph=True (an error at any graph break), through AOT autograd (the ops' fake kernels and
-    autograd formulas); in float64 (the CPU kernels have it), so that only a real difference shows."""
+def compiled_head_graphs(variant):
+    """The ATen ops of the forward and backward graphs of the compiled ``small_head(variant)`` (float64,
+    fullgraph=True: an error at any graph break; through AOT autograd: the ops' fake kernels and
+    autograd formulas), after checking its logits and gradients against the eager head's."""
     head = small_head(variant).double()
     feature = torch.randn(2, 16, 5, 7, dtype=torch.float64)
     labels = torch.randint(0, 5, (2, 5, 7))
@@ -49,20 +49,42 @@ def test_head_with_the_custom_ops_compiles_as_one_graph(variant):
         F.cross_entropy(logits, labels).backward()
         return logits.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}
 
-    assert ops.active_implementation("cpu") == "compiled-cpu"
     eager_logits, eager_grads = loss_and_grads(head)
     backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
     compiled_logits, compiled_grads = loss_and_grads(torch.compile(head, backend=backend, fullgraph=True))
-
-    library = torch.ops.structtoken  # the compiled kernels are in the graphs, not a fallback
-    assert library.depthwise_projection.default in graphs["forward"]
-    assert library.depthwise_projection_backward.default in graphs["backward"]
-    assert (library.slice_attention.default in graphs["forward"]) == (variant == "CSE")
-    assert (library.slice_attention_backward.default in graphs["backward"]) == (variant == "CSE")
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-9, atol=1e-12)
     assert compiled_grads.keys() == eager_grads.keys()
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    return graphs
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["CSE", "PWE"])
+def test_head_with_the_custom_ops_compiles_as_one_graph(variant, monkeypatch):
+    """With the kernels traced (as on CUDA), they are in the graphs, not a fallback."""
+    monkeypatch.setattr(ops, "COMPILE_TRACES_REFERENCE", frozenset())
+    assert ops.active_implementation("cpu") == "compiled-cpu"
+    graphs = compiled_head_graphs(variant)
+    library = torch.ops.structtoken
+    assert library.depthwise_projection.default in graphs["forward"]
+    assert library.depthwise_projection_backward.default in graphs["backward"]
+    assert (library.slice_attention.default in graphs["forward"]) == (variant == "CSE")
+    assert (library.slice_attention_backward.default in graphs["backward"]) == (variant == "CSE")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["CSE", "PWE"])
+def test_compiled_cpu_code_traces_the_reference_ops(variant):
+    """On CPU (ops.COMPILE_TRACES_REFERENCE), torch.compile sees the reference's ATen ops, which it can
+    fuse, where eager code calls the kernels."""
+    assert "cpu" in ops.COMPILE_TRACES_REFERENCE and ops.active_implementation("cpu") == "compiled-cpu"
+    graphs = compiled_head_graphs(variant)
+    in_graphs = {str(target) for target in graphs["forward"] | graphs["backward"]}
+    assert not [t for t in in_graphs if t.startswith("structtoken.")]
+    assert {"aten.native_layer_norm.default", "aten.gelu.default", "aten.convolution.default"} <= in_graphs
+    if variant == "CSE":
+        assert "aten._softmax.default" in in_graphs
 
 
 @pytest.fixture

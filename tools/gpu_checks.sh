@@ -5,6 +5,8 @@
 # 2. the CUDA op tests (tests/test_ops_*.py -k "cuda and not emulated")     -> OUT_DIR/cuda_tests.log
 # 3. the same under compute-sanitizer --tool memcheck                      -> OUT_DIR/memcheck.log
 # 4. tools/benchmark_ops.py --device cuda --dtype bfloat16                 -> OUT_DIR/bench.{json,md,log}
+# 5. batched vs sequential multi-scale + flip evaluation, ADE20K ViT-T 512
+#    (tools/benchmark_model.py, TEST.SLIDE_BATCH 1, 4, 8, 16; target 1.5x)   -> OUT_DIR/batched_eval.{json,log}
 # Wheels in .whl/ (../shared/device/fetch-wheels.sh: detectron2 and friends) are installed first, offline, into
 # a temporary site folder. A failed step does not stop the next; the exit status is 1 if any failed.
 set -uo pipefail
@@ -40,4 +42,7 @@ step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$py" -m pyte
   -k "cuda and not emulated and not opcheck"
 step bench "$py" tools/benchmark_ops.py --device cuda --dtype bfloat16 --json "$out/bench.json" \
   --markdown "$out/bench.md"
+step batched_eval timeout 300 "$py" tools/benchmark_model.py --config-file configs/ade20k/structtoken_cse_vit_t_512.yaml \
+  --mode infer --inference multi-scale+flip --image-sizes 512x683 683x512 512x512 --vary TEST.SLIDE_BATCH "1 4 8 16" \
+  --ops kernels --iters 5 --warmup 1 --no-memory --json "$out/batched_eval.json" --overwrite
 exit $status

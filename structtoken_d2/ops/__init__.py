@@ -4,8 +4,9 @@
 ``"compiled-cuda"``, ``"compiled-cpu"`` or ``"pytorch"``. Set the environment variable
 ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1`` (or the config key ``MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS``)
 to force the reference. Inputs in a dtype the kernels lack (e.g. bfloat16 on CPU) also take the
-reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``. Under autocast,
-the ops run in the autocast dtype, as ``torch.matmul`` / ``conv2d`` would.
+reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``, and so does code
+that ``torch.compile`` traces on a device of ``COMPILE_TRACES_REFERENCE``. Under autocast, the ops run
+in the autocast dtype, as ``torch.matmul`` / ``conv2d`` would.
 """
 import contextlib
 import os
@@ -46,6 +47,14 @@ def _compiled_device_types() -> frozenset:
 
 COMPILED_DEVICE_TYPES = _compiled_device_types()
 
+# Device types whose ops torch.compile (MODEL.COMPILE) traces through the reference, not the kernels.
+# The CPU kernels compose ATen's CPU kernels, which inductor calls as they are; traced, the reference's
+# LayerNorm and GELU become inductor's own fused loops. The main job's training step, compiled with
+# the kernels / through the reference, over the eager step (tools/benchmark_model.py --mode train
+# --compile, 2-core CPU, 2026-11-28): 1.08x / 1.12x on 1 thread, 1.18x / 1.22x on 2 (docs/benchmarks.md).
+# CUDA keeps its kernels: not measured on a GPU yet.
+COMPILE_TRACES_REFERENCE = frozenset({"cpu"})
+
 # The op library the dispatch below calls (the tests swap in the CUDA kernels run on the CPU emulator).
 LIBRARY = torch.ops.structtoken
 
@@ -56,6 +65,8 @@ def active_implementation(device) -> str:
     if os.environ.get(FORCE_PYTORCH_ENV, "0") not in ("", "0"):
         return "pytorch"
     if device.type not in COMPILED_DEVICE_TYPES:
+        return "pytorch"
+    if device.type in COMPILE_TRACES_REFERENCE and torch.compiler.is_compiling():
         return "pytorch"
     return f"compiled-{device.type}"
 

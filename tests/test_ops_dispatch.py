@@ -49,6 +49,18 @@ def test_compiled_cpu_kernel_runs_when_built(monkeypatch, spy_reference):
 
 
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
+def test_the_logged_summary_says_what_compiled_code_runs(monkeypatch):
+    monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
+    assert ops.implementation_summary("cpu") == "compiled-cpu"
+    assert ops.implementation_summary("cpu", model_compiled=True) == (
+        "compiled-cpu in eager code, the pytorch reference in compiled code (MODEL.COMPILE)")
+    monkeypatch.setattr(ops, "COMPILE_TRACES_REFERENCE", frozenset())  # as on CUDA
+    assert ops.implementation_summary("cpu", model_compiled=True) == "compiled-cpu"
+    monkeypatch.setenv(ops.FORCE_PYTORCH_ENV, "1")
+    assert ops.implementation_summary("cpu", model_compiled=True) == "pytorch"
+
+
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_dtypes_without_a_kernel_take_the_reference(monkeypatch, spy_reference):
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
     attention_args, projection_args = _small_args()

@@ -89,7 +89,7 @@ class Trainer(DefaultTrainer):
         """Detectron2's (the model is logged), then which ``structtoken_d2.ops`` implementation runs."""
         model = super().build_model(cfg)
         logging.getLogger(__name__).info("structtoken_d2.ops on %s: %s", cfg.MODEL.DEVICE,
-                                         ops.active_implementation(cfg.MODEL.DEVICE))
+                                         ops.implementation_summary(cfg.MODEL.DEVICE, cfg.MODEL.COMPILE))
         return model
 
     @staticmethod

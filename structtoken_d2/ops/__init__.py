@@ -71,6 +71,15 @@ def active_implementation(device) -> str:
     return f"compiled-{device.type}"
 
 
+def implementation_summary(device, model_compiled: bool = False) -> str:
+    """:func:`active_implementation`, and what compiled code runs where that differs (a model with
+    ``MODEL.COMPILE`` on a device of ``COMPILE_TRACES_REFERENCE``): the line the trainer logs."""
+    name = active_implementation(device)
+    if model_compiled and name != "pytorch" and torch.device(device).type in COMPILE_TRACES_REFERENCE:
+        return f"{name} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)"
+    return name
+
+
 @contextlib.contextmanager
 def forced_pytorch(enabled: bool = True):
     """Within the block, the ops take the PyTorch reference (``enabled``) or the kernels where built
@@ -122,4 +131,4 @@ def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, no
         return LIBRARY.depthwise_projection(*args, float(eps))[0]
 
 
-__all__ = ["active_implementation", "forced_pytorch", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]
+__all__ = ["active_implementation", "implementation_summary", "forced_pytorch", "slice_attention", "depthwise_projection", "reference", "KERNEL_DTYPES"]

@@ -2,6 +2,7 @@
 then a YAML file (with its ``_BASE_`` chain), then command-line ``KEY VALUE`` overrides. A key that
 does not exist or a value of the wrong type is a :class:`ConfigError` whose message names the file
 (or the override) and the key, and suggests the nearest existing keys."""
+import argparse
 import difflib
 import os
 import re
@@ -66,6 +67,25 @@ def use_cpu_without_gpu(cfg: CfgNode) -> bool:
         cfg.MODEL.DEVICE = "cpu"
         return True
     return False
+
+
+def move_swallowed_overrides(args: argparse.Namespace, *names: str) -> argparse.Namespace:
+    """An option of ``nargs="+"`` written just before the trailing ``KEY VALUE`` overrides takes them
+    as values of its own (``--classes car door MODEL.WEIGHTS w.pth``). For each ``args.<name>``, the
+    first word that is a config key (of Detectron2's defaults and ours) and the words after it move to
+    the front of ``args.opts``; returns ``args``. Raises :class:`ConfigError` when no value is left."""
+    keys = set(_all_keys(add_structtoken_config(get_cfg())))
+    for name in names:
+        values = getattr(args, name) or []
+        first_key = next((i for i, word in enumerate(values) if word in keys), None)
+        if first_key is None:
+            continue
+        if first_key == 0:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} {values[0]}: {option} needs a value before the config overrides")
+        setattr(args, name, values[:first_key])
+        args.opts = values[first_key:] + list(args.opts)
+    return args
 
 
 def _message(error: BaseException) -> str:

@@ -9,7 +9,7 @@ import structtoken_d2  # noqa: F401
 from detectron2.config import get_cfg
 from structtoken_d2 import add_structtoken_config
 from structtoken_d2.config_loading import ConfigError, load_config
-from tiny_runs import REPO, SHAPES_CONFIG
+from tiny_runs import REPO, SHAPES_CONFIG, load_tool
 
 
 def test_a_valid_config_is_detectron2s_merge_of_file_and_overrides():
@@ -96,3 +96,20 @@ def test_an_unreadable_file_is_named(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(str(tmp_path / "c.yaml"))
+
+
+def test_overrides_after_a_list_option_are_overrides_not_its_values():
+    """`--classes car door MODEL.WEIGHTS w.pth`: argparse gives the overrides to --classes."""
+    visualize_tokens, demo = load_tool("visualize_tokens"), load_tool("demo")
+    args = visualize_tokens.parse_args(["--config-file", "c.yaml", "--output", "out", "--input", "a.png", "MODEL.png",
+                                        "--classes", "car", "door", "MODEL.WEIGHTS", "w.pth", "SOLVER.BASE_LR", "1"])
+    assert (args.input, args.classes) == (["a.png", "MODEL.png"], ["car", "door"])
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth", "SOLVER.BASE_LR", "1"]
+    args = demo.parse_args(["--config-file", "c.yaml", "--output", "out", "--input", "a.png", "b.png",
+                            "MODEL.WEIGHTS", "w.pth"])
+    assert (args.input, args.opts) == (["a.png", "b.png"], ["MODEL.WEIGHTS", "w.pth"])
+    args = demo.parse_args(["--config-file", "c.yaml", "--input", "a.png", "--output", "out", "MODEL.WEIGHTS", "w.pth"])
+    assert (args.input, args.opts) == (["a.png"], ["MODEL.WEIGHTS", "w.pth"])
+    with pytest.raises(ConfigError, match=r"^--classes MODEL.WEIGHTS: --classes needs a value before the config "):
+        visualize_tokens.parse_args(["--config-file", "c.yaml", "--output", "out", "--input", "a.png", "--classes",
+                                     "MODEL.WEIGHTS", "w.pth"])

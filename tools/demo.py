@@ -21,7 +21,7 @@ import cv2
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
-from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
+from structtoken_d2.config_loading import load_config, move_swallowed_overrides, use_cpu_without_gpu
 from structtoken_d2.data import read_image_file, read_sem_seg_label
 from structtoken_d2.data.datasets import register_folder_datasets_from_config
 from structtoken_d2.engine import StructTokenPredictor
@@ -31,7 +31,7 @@ from structtoken_d2.evaluation import prediction_panel
 from structtoken_d2.output_files import save_new_file
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -41,7 +41,7 @@ def parse_args():
     parser.add_argument("--output", required=True, help="directory for the <image name>_pred.png panels")
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
-    return parser.parse_args()
+    return move_swallowed_overrides(parser.parse_args(argv), "input")
 
 
 def write_png(path: str, image_bgr) -> None:

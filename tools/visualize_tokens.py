@@ -36,7 +36,7 @@ import torch
 
 import structtoken_d2  # noqa: F401  (compat shims and registrations, before detectron2 submodules)
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from structtoken_d2.config_loading import load_config, use_cpu_without_gpu
+from structtoken_d2.config_loading import load_config, move_swallowed_overrides, use_cpu_without_gpu
 from structtoken_d2.data import read_image_file, read_sem_seg_label
 from structtoken_d2.data.datasets import IGNORE_LABEL, register_folder_datasets_from_config
 from structtoken_d2.data.datasets.folder import IMAGE_EXTENSIONS
@@ -74,7 +74,7 @@ def parse_args(argv=None):
                         "ground-truth regions over all images with a label")
     parser.add_argument("--output", required=True, help="folder of the figures (and measurements)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ... (MODEL.WEIGHTS)")
-    return parser.parse_args(argv)
+    return move_swallowed_overrides(parser.parse_args(argv), "input", "classes")
 
 
 def input_records(paths, gt_dir):

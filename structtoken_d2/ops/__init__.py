@@ -49,9 +49,9 @@ COMPILED_DEVICE_TYPES = _compiled_device_types()
 
 # Device types whose ops torch.compile (MODEL.COMPILE) traces through the reference, not the kernels.
 # The CPU kernels compose ATen's CPU kernels, which inductor calls as they are; traced, the reference's
-# LayerNorm and GELU become inductor's own fused loops. The main job's training step, compiled with
-# the kernels / through the reference, over the eager step (tools/benchmark_model.py --mode train
-# --compile, 2-core CPU, 2026-11-28): 1.08x / 1.12x on 1 thread, 1.18x / 1.22x on 2 (docs/benchmarks.md).
+# LayerNorm and GELU become inductor's own fused loops. The main job's training step over the eager one
+# (tools/benchmark_model.py --mode train --compile, 2-core CPU, 2026-11-28, docs/benchmarks.md): compiled
+# with the kernels 1.08-1.09x on 1 thread, 1.15x on 2; through the reference 1.11-1.13x and 1.20-1.24x.
 # CUDA keeps its kernels: not measured on a GPU yet.
 COMPILE_TRACES_REFERENCE = frozenset({"cpu"})
 

@@ -17,6 +17,8 @@ from structtoken_d2.evaluation import prediction_panel, shown_classes
 from structtoken_d2.modeling.checkpoint import StructTokenCheckpointer
 from structtoken_d2.visualization import (
     ConcentrationMeter,
+    StageReadout,
+    class_ious,
     inside_fractions,
     region_separation,
     load_metrics,
@@ -53,9 +55,10 @@ def test_token_maps_are_the_heads_intermediate_tokens():
     for i, layer in enumerate(head.layers, 1):
         handles.append(layer.register_forward_hook(lambda m, a, out, i=i: keep(f"S{i}", out[0])))
     handles.append(head.residual_block.register_forward_hook(lambda m, a, out: keep("Y", out)))
+    handles.append(head.register_forward_pre_hook(lambda m, args: keep("F", args[0][m.in_feature])))
     # 40 x 56 pixels: padded to 48 x 64, a 3 x 4 token grid; the original image is 50 x 70.
     inputs = {"image": torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8), "height": 50, "width": 70}
-    result = predict_token_maps(model, inputs)
+    result = predict_token_maps(model, inputs, with_feature=True)
     for h in handles:
         h.remove()
 
@@ -71,6 +74,12 @@ def test_token_maps_are_the_heads_intermediate_tokens():
     torch.testing.assert_close(result.maps.double(), reference, rtol=1e-5, atol=1e-5)
     # Y at image size is the pass's output logits.
     torch.testing.assert_close(result.maps[-1], result.logits, rtol=1e-5, atol=1e-5)
+    # The backbone feature the head decoded (C = 32 channels), brought to the image the same way.
+    feature = F.interpolate(seen["F"].double(), size=(48, 64), mode="bilinear", align_corners=False)[..., :40, :56]
+    feature = F.interpolate(feature, size=(50, 70), mode="bilinear", align_corners=False)[0]
+    assert result.feature.shape == (32, 50, 70)
+    torch.testing.assert_close(result.feature.double(), feature, rtol=1e-5, atol=1e-5)
+    assert predict_token_maps(model, inputs).feature is None
 
 
 # ---------------------------------------------------------------------------- concentration
@@ -144,6 +153,34 @@ def test_concentration_meter_averages_over_images_with_the_class():
     assert rows["mean"]["images"] == 3
 
 
+# ------------------------------------------------------------------------------- readout
+def test_class_ious_by_hand():
+    ious = class_ious(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2]), 4)
+    assert ious[:3].tolist() == [0.5, 0.5, 1.0] and math.isnan(ious[3])
+
+
+def test_readout_reads_a_class_from_any_slice_and_nothing_from_noise():
+    g = torch.Generator().manual_seed(0)
+    readout = StageReadout(["own", "permuted", "noise"], ["a", "b", "c"], 255, pixels_per_image=150)
+    for _ in range(6):
+        gt = torch.randint(0, 3, (20, 20), generator=g)
+        gt[0] = 255  # ignored pixels: never sampled (a label of 255 would fail the fit)
+        own = F.one_hot(gt.clamp(max=2), 3).permute(2, 0, 1).double()  # slice k: 1 on class k
+        permuted = own[[1, 2, 0]]  # slice k: 1 on class k + 1
+        noisy = [m + 0.05 * torch.randn(m.shape, generator=g, dtype=torch.float64) for m in (own, permuted)]
+        readout.add(noisy + [torch.randn(3, 20, 20, generator=g)], gt)
+    rows = {r["class"]: r for r in readout.summary()}
+    assert rows["mean"]["images"] == 3  # images 2, 4 and 6 are scored, 1, 3 and 5 fitted
+    for name in "abc":
+        assert rows[name]["own"] == 1.0 and rows[name]["permuted"] == 1.0
+        assert rows[name]["noise"] < 0.45  # 3 balanced classes: a guess scores about 1/3 / (2 - 1/3) = 0.2
+        assert abs(rows[name]["area"] - 1 / 3) < 0.1
+    # The permuted slices do not mark out their own classes: what the readout adds to the separation.
+    assert (region_separation(permuted[None], gt, 255)[0] < 0.5).all()
+    with pytest.raises(ValueError, match="2 labelled images or more"):
+        StageReadout(["own"], ["a"], 255).summary()
+
+
 # ------------------------------------------------------------------------- the token tool
 def test_visualize_tokens_writes_figures_and_measurements_without_overwriting(tiny_shapes, tmp_path, capsys):
     cfg = tiny_cfg(TWO_BLOCKS)
@@ -168,9 +205,13 @@ def test_visualize_tokens_writes_figures_and_measurements_without_overwriting(ti
         assert table[measure][-1]["class"] == "mean"
         assert f"{measure}:\n| class" in printed
     assert 0 <= table["separation"][0]["Y"] <= 1
+    readout = json.loads((out / "stage_readout.json").read_text())
+    assert readout["stages"] == ["F", "S", "S1", "S2", "Y"] and readout["readout"][-1]["class"] == "mean"
+    assert readout["readout"][-1]["images"] == 1 and "readout: the IoU" in printed  # 3 images: 2 fit, 1 scored
     argv[argv.index("--num") + 1] = "1"
     tool.main(argv)  # again: new names for everything
     assert (out / "token_concentration_1.csv").is_file() and (out / "00000_tokens_2.png").is_file()
+    assert (out / "stage_readout_1.json").is_file()
 
 
 def test_visualize_tokens_rejects_unknown_class_and_measure_without_labels(tiny_shapes, tmp_path):

@@ -25,7 +25,10 @@ maps minus their mean over the image (independent of a map's offset), and "separ
 of the map for the region (the chance that a region pixel is higher than a pixel outside: 0.5 for a
 map that does not tell the region apart, 1 for a perfect one; offset- and scale-free). Printed as Markdown tables
 and written to <output>/token_concentration.json and .csv. The figures print each map's positive-
-mass share in its corner ("in").
+mass share in its corner ("in"). Also the "readout" of every stage and of the backbone's feature F:
+the IoU of each class as a linear classifier, fitted on 256 pixels of each of half the labelled
+images, reads it from the stage's channels on the other half (whether a stage holds the class at all,
+in whichever slices), written to <output>/stage_readout.json and .csv.
 """
 import argparse
 import glob
@@ -49,6 +52,7 @@ from structtoken_d2.visualization import (
     COLOUR_SCALES,
     MEASURES,
     ConcentrationMeter,
+    StageReadout,
     format_concentration_table,
     predict_token_maps,
     token_map_figure,
@@ -145,14 +149,17 @@ def main(argv=None):
     written = []
     for i, record in enumerate(todo):
         image = read_image_file(record["file_name"], format="RGB")
-        result = predict_token_maps(predictor.model, predictor.model_input(image[:, :, ::-1]))
+        result = predict_token_maps(predictor.model, predictor.model_input(image[:, :, ::-1]), with_feature=args.measure)
         if not meters:
             meters = {name: ConcentrationMeter(result.names, class_names, ignore_label, name) for name in MEASURES}
+            readout = StageReadout(["F"] + result.names, class_names, ignore_label)
         gt = read_sem_seg_label(record, len(class_names), ignore_label) if "sem_seg_file_name" in record else None
         fractions = None  # of the figure: the positive-mass shares
         if gt is not None:
             shares = {name: meter.add(result.maps, torch.as_tensor(gt)) for name, meter in meters.items()}
             fractions = shares["positive mass"].numpy()
+            if args.measure:
+                readout.add([result.feature, *result.maps], torch.as_tensor(gt))
         if i < num_figures:
             pred = result.logits.argmax(0).numpy()
             ids = chosen or shown_classes(gt if gt is not None else pred, ignore_label=ignore_label)
@@ -174,7 +181,17 @@ def main(argv=None):
         for name, rows in tables.items():
             print(f"\n{name}:\n{format_concentration_table(rows, stages)}")
         paths = write_concentration(tables, stages, os.path.join(args.output, "token_concentration"))
-        print(f"\nWritten to {' and '.join(paths)}")
+        if len(labelled) >= 2:
+            readout_rows = readout.summary()
+            print(f"\nreadout: the IoU of each class read, pixel by pixel, from the stage's channels (F: the "
+                  f"backbone's feature) by a linear classifier fitted on half the images, scored on the other "
+                  f"{readout_rows[-1]['images']}; area: the class's pixel share there.\n"
+                  f"{format_concentration_table(readout_rows, readout.stage_names)}")
+            paths += write_concentration({"readout": readout_rows}, readout.stage_names,
+                                         os.path.join(args.output, "stage_readout"))
+        else:
+            print("\nreadout: skipped, it needs 2 labelled images or more (one to fit the classifier, one to score it)")
+        print(f"\nWritten to {', '.join(paths)}")
     return written
 
 

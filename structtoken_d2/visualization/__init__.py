@@ -1,5 +1,6 @@
 """Figures: structure-token maps (paper Fig. 4) and their concentration, training curves."""
 from .metrics_curves import load_metrics, metrics_figure, plot_metrics
+from .stage_readout import StageReadout, class_ious, fit_linear_readout
 from .token_concentration import (
     MEASURES,
     ConcentrationMeter,
@@ -16,9 +17,12 @@ __all__ = [
     "COLOUR_SCALES",
     "MEASURES",
     "ConcentrationMeter",
+    "StageReadout",
     "TokenMapRecorder",
     "TokenMaps",
     "area_fractions",
+    "class_ious",
+    "fit_linear_readout",
     "format_concentration_table",
     "inside_fractions",
     "region_separation",

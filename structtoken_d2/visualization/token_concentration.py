@@ -125,13 +125,19 @@ class ConcentrationMeter:
             row = {"class": name, "images": int(self._images[k]), "area": (self._area_sum[k] / self._images[k]).item()}
             row.update({stage: means[s, k].item() for s, stage in enumerate(self.stage_names)})
             rows.append(row)
-        if rows:
-            mean = {"class": "mean", "images": self.num_images}
-            for key in ["area"] + self.stage_names:
-                values = [r[key] for r in rows if not math.isnan(r[key])]
-                mean[key] = sum(values) / len(values) if values else math.nan
-            rows.append(mean)
+        return with_mean_row(rows, self.stage_names, self.num_images)
+
+
+def with_mean_row(rows: List[Dict], stage_names: Sequence[str], num_images: int) -> List[Dict]:
+    """``rows`` (one per class) and, when there are any, a ``"mean"`` row: the mean of the class
+    rows' area and stage values (NaN skipped), with ``num_images`` as its "images"."""
+    if not rows:
         return rows
+    mean = {"class": "mean", "images": num_images}
+    for key in ["area"] + list(stage_names):
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        mean[key] = sum(values) / len(values) if values else math.nan
+    return rows + [mean]
 
 
 def format_concentration_table(rows: List[Dict], stage_names: Sequence[str]) -> str:

@@ -179,6 +179,8 @@ def test_readout_reads_a_class_from_any_slice_and_nothing_from_noise():
     assert (region_separation(permuted[None], gt, 255)[0] < 0.5).all()
     with pytest.raises(ValueError, match="2 labelled images or more"):
         StageReadout(["own"], ["a"], 255).summary()
+    with pytest.raises(ValueError, match=r"stage own: maps of size \(10, 20\) for a label of size \(20, 20\)"):
+        StageReadout(["own"], ["a", "b", "c"], 255).add([own[:, :10]], gt)
 
 
 # ------------------------------------------------------------------------- the token tool

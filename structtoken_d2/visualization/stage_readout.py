@@ -76,19 +76,22 @@ class StageReadout:
 
     def add(self, stages: Sequence[torch.Tensor], gt: torch.Tensor) -> None:
         if len(stages) != len(self.stage_names):
-            raise ValueError(f"expected {len(self.stage_names)} stages ({', '.join(self.stage_names)}), got {len(stages)}")
+            raise ValueError(f"expected {len(self.stage_names)} stages ({', '.join(self.stage_names)}), "
+                             f"got {len(stages)}")
         labelled = (gt != self.ignore_label).flatten().nonzero().squeeze(1)
         chosen = labelled[torch.randperm(labelled.numel(), generator=self._generator)[: self.pixels_per_image]]
         for samples, name, stage in zip(self._samples, self.stage_names, stages):
             if tuple(stage.shape[-2:]) != tuple(gt.shape):
-                raise ValueError(f"stage {name}: maps of size {tuple(stage.shape[-2:])} for a label of size {tuple(gt.shape)}")
+                raise ValueError(f"stage {name}: maps of size {tuple(stage.shape[-2:])} for a label of size "
+                                 f"{tuple(gt.shape)}")
             samples.append(stage.reshape(stage.shape[0], -1)[:, chosen].T.float())
         self._labels.append(gt.flatten()[chosen].long())
 
     def summary(self) -> List[Dict]:
         num_images = len(self._labels)
         if num_images < 2:
-            raise ValueError(f"the readout needs 2 labelled images or more (one to fit, one to score), got {num_images}")
+            raise ValueError(f"the readout needs 2 labelled images or more (one to fit, one to score), "
+                             f"got {num_images}")
         k = len(self.class_names)
         fit, scored = range(0, num_images, 2), range(1, num_images, 2)
         fit_labels = torch.cat([self._labels[i] for i in fit])

@@ -67,12 +67,25 @@ class ResizeToScale(Augmentation):
         return OpenCVResizeTransform(h, w, new_h, new_w)
 
 
-class PhotometricDistortionTransform(Transform):
-    """Fixed photometric changes of a uint8 [H, W, 3] image; label maps and coordinates are kept.
+def _scale_and_shift(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``img * alpha + beta`` in float32, clipped to 0..255 and truncated to uint8: mmseg's
+    ``PhotoMetricDistortion.convert``, which ends every step."""
+    return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
-    Steps, each skipped when its parameter is None: brightness delta, contrast factor (before
-    the HSV steps when ``contrast_first``, else after), saturation factor, hue shift (OpenCV
-    hue units, 0..180). Values are clipped to 0..255 after every step, as in mmseg.
+
+class PhotometricDistortionTransform(Transform):
+    """Fixed photometric changes of a uint8 ``[H, W, 3]`` image; label maps and coordinates are kept.
+
+    mmseg's ``PhotoMetricDistortion`` step by step, each skipped when its parameter is None:
+    brightness delta, contrast factor (here when ``contrast_first``), saturation factor, hue shift
+    (OpenCV hue units, 0..180), contrast (here when not ``contrast_first``). Each step ends in uint8
+    (clipped to 0..255, truncated), and saturation and hue each convert to HSV and back with
+    OpenCV, as mmcv's ``bgr2hsv`` / ``hsv2bgr`` do.
+
+    OpenCV converts uint8 HSV to RGB in SIMD blocks along each row (64 pixels with AVX-512, 32 with
+    AVX2, 16 with SSE) and the rest of the row pixel by pixel; the two paths round differently, so
+    one colour may come out one grey level apart depending on its column and the CPU. mmcv has the
+    same behaviour; it is kept (tests/test_mapper.py says so where it matters).
     """
 
     def __init__(self, brightness, contrast, saturation, hue, contrast_first: bool, image_format: str):
@@ -80,25 +93,30 @@ class PhotometricDistortionTransform(Transform):
         self._set_attributes(locals())
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
-        out = img.astype(np.float32)
+        if img.dtype != np.uint8:
+            raise ValueError(f"PhotometricDistortionTransform needs a uint8 image, got {img.dtype}")
+        out = img
         if self.brightness is not None:
-            out = np.clip(out + self.brightness, 0, 255)
+            out = _scale_and_shift(out, beta=self.brightness)
         if self.contrast is not None and self.contrast_first:
-            out = np.clip(out * self.contrast, 0, 255)
-        if self.saturation is not None or self.hue is not None:
-            to_hsv, from_hsv = (
-                (cv2.COLOR_BGR2HSV, cv2.COLOR_HSV2BGR) if self.image_format == "BGR"
-                else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB)
-            )
-            hsv = cv2.cvtColor(out.astype(np.uint8), to_hsv).astype(np.float32)
-            if self.saturation is not None:
-                hsv[..., 1] = np.clip(hsv[..., 1] * self.saturation, 0, 255)
-            if self.hue is not None:
-                hsv[..., 0] = (hsv[..., 0] + self.hue) % 180
-            out = cv2.cvtColor(hsv.astype(np.uint8), from_hsv).astype(np.float32)
+            out = _scale_and_shift(out, alpha=self.contrast)
+        if self.saturation is not None:
+            out = self._in_hsv(out, 1, lambda s: _scale_and_shift(s, alpha=self.saturation))
+        if self.hue is not None:
+            out = self._in_hsv(out, 0, lambda h: (h.astype(np.int64) + self.hue) % 180)
         if self.contrast is not None and not self.contrast_first:
-            out = np.clip(out * self.contrast, 0, 255)
-        return out.astype(img.dtype)
+            out = _scale_and_shift(out, alpha=self.contrast)
+        return out
+
+    def _in_hsv(self, img: np.ndarray, channel: int, change) -> np.ndarray:
+        """``img`` converted to HSV (uint8, OpenCV), ``change`` applied to one channel, converted back."""
+        to_hsv, from_hsv = (
+            (cv2.COLOR_BGR2HSV, cv2.COLOR_HSV2BGR) if self.image_format == "BGR"
+            else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB)
+        )
+        hsv = cv2.cvtColor(np.ascontiguousarray(img), to_hsv)
+        hsv[..., channel] = change(hsv[..., channel])
+        return cv2.cvtColor(hsv, from_hsv)
 
     def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
         return segmentation

@@ -188,9 +188,16 @@ def _finish_group_setup(num_processes_per_machine: int) -> None:
 def _end_group() -> None:
     """After ``main_func`` returned in every process: a barrier, so that no process closes its
     connections while another still works (its last files, say), then every process group destroyed
-    while the interpreter is whole (``comm``'s per-machine group let go first)."""
+    while the interpreter is whole.
+
+    ``destroy_process_group`` unregisters the groups; each is destroyed when its last reference goes.
+    ``comm`` keeps two: its per-machine group and, cached by ``comm._get_global_gloo_group`` on the
+    first ``comm.all_gather`` / ``gather`` (the evaluation's), the gloo group. Kept, that one was
+    destroyed during the interpreter's finalization, where gloo's threads can abort the process
+    ("terminate called without an active exception") after the job succeeded."""
     comm.synchronize()
     comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
     dist.destroy_process_group()
 
 

@@ -122,13 +122,18 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-@exit_on_user_error
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", action="append", default=[], help="config to analyse (repeatable)")
     parser.add_argument("--all", action="store_true", help="every config under configs/{ade20k,cityscapes,coco_stuff_10k}")
     parser.add_argument("--no-flops", action="store_true", help="parameters only")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     paths = args.config_file + (model_configs() if args.all else [])
     if not paths:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Time what a user waits for: a training iteration and the evaluation, for any config, on random
-inputs (no dataset), with the compiled ops and with ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1`` (and
+"""Time what a user waits for, a training iteration and the evaluation, for any config.
+
+On random inputs (no dataset), with the compiled ops and with ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1`` (and
 compiled vs eager with ``--compile``), calls interleaved in one run so that the ratios are fair on a
 noisy machine. A progress line per round; a table at the end. See docs/benchmarks.md.
 
@@ -41,7 +42,7 @@ def image_size(text: str) -> Tuple[int, int]:
     return h, w
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
@@ -67,6 +68,11 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, metavar="FILE", help="write the run's metadata and rows here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")

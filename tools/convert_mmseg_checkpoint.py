@@ -28,7 +28,7 @@ from structtoken_d2.modeling.mmseg_conversion import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="the authors' mmseg checkpoint (.pth)")
     parser.add_argument("dst", help="the Detectron2 checkpoint to write (.pth)")
@@ -42,7 +42,7 @@ def parse_args(argv=None):
                              "Python objects other than tensors, numbers, strings, lists and dicts)")
     parser.add_argument("--configs-dir", default=os.path.join(REPO, "configs"),
                         help="where to look for a config of the same model (default: the repository's)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def report(args, conversion) -> str:
@@ -76,7 +76,7 @@ def report(args, conversion) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         state, meta = read_mmseg_checkpoint(args.src, trust_pickle=args.trust_pickle)
         conversion = convert_state(state, meta, args.src, num_classes=args.num_classes, num_heads=args.num_heads)

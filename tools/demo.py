@@ -2,7 +2,7 @@
 """Predict with a trained StructToken model and save colourised predictions.
 
     # images of a registered dataset, saved as image | ground truth | prediction:
-    python tools/demo.py --config-file configs/synthetic/structtoken_shapes.yaml --dataset shapes_sem_seg_val \
+    python tools/demo.py --config-file configs/synthetic/structtoken_shapes.yaml --dataset shapes_sem_seg_val \\
         --num 8 --output output/demo MODEL.WEIGHTS output/structtoken_shapes/model_final.pth
     # any images, saved as image | prediction:
     python tools/demo.py --config-file CFG --input a.jpg b.jpg --output output/demo MODEL.WEIGHTS model.pth
@@ -31,7 +31,7 @@ from structtoken_d2.evaluation import prediction_panel
 from structtoken_d2.output_files import save_new_file
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -41,7 +41,11 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="directory for the <image name>_pred.png panels")
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
-    return move_swallowed_overrides(parser.parse_args(argv), "input")
+    return parser
+
+
+def parse_args(argv=None):
+    return move_swallowed_overrides(build_parser().parse_args(argv), "input")
 
 
 def write_png(path: str, image_bgr) -> None:

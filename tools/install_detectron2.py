@@ -1,5 +1,7 @@
 """Install detectron2 into the running Python, for `make setup`.
 
+    .venv/bin/python tools/install_detectron2.py      # what tools/setup_env.sh runs
+
 Order of preference:
 1. a detectron2 that already imports is kept;
 2. upstream (`pip install git+https://github.com/facebookresearch/detectron2`) when GitHub is
@@ -9,6 +11,7 @@ Order of preference:
    Python-only, as a regular ``detectron2 0.6`` distribution that pip can list and uninstall.
    ``structtoken_d2.compat`` makes that build work on current NumPy/Pillow.
 """
+import argparse
 import hashlib
 import re
 import subprocess
@@ -75,7 +78,12 @@ def install_python_only(workdir: Path) -> None:
     pip("install", "--no-deps", "--no-build-isolation", str(project))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main() -> None:
+    build_parser().parse_args()
     if importable():
         print("install_detectron2: detectron2 already importable, kept")
         return

@@ -13,11 +13,15 @@ import structtoken_d2  # noqa: F401  (compat shims, before detectron2 submodules
 from structtoken_d2.visualization import plot_metrics
 
 
-def main(argv=None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="OUTPUT_DIR of a training run (holds metrics.json)")
     parser.add_argument("--output", default="", help="PNG to write (default OUTPUT_DIR/curves.png, replaced)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
     try:
         path = plot_metrics(args.output_dir, args.output)
     except (FileNotFoundError, ValueError) as e:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Convert the official COCO-Stuff-10K release to the layout ``coco_stuff_10k_sem_seg_*`` reads.
 
-    python tools/prepare_coco_stuff_10k.py /path/to/cocostuff-10k-v1.1 [--output DIR]
+    python tools/prepare_coco_stuff_10k.py /path/to/cocostuff-10k-v1.1      # -> $DETECTRON2_DATASETS/coco_stuff_10k
+    python tools/prepare_coco_stuff_10k.py /path/to/cocostuff-10k-v1.1 --output datasets/coco_stuff_10k
 
 Input (unzipped ``cocostuff-10k-v1.1.zip``): ``images/*.jpg``, ``annotations/*.mat`` (field ``S``:
 COCO-Stuff ids, 0 = unlabeled) and ``imageLists/{train,test}.txt``. Output (default
@@ -39,11 +40,15 @@ def convert(source: Path, output: Path) -> None:
                 print(f"{split}: {i + 1}/{len(names)}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="unzipped cocostuff-10k-v1.1 directory")
     parser.add_argument("--output", type=Path, default=None, help="default: $DETECTRON2_DATASETS/coco_stuff_10k")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     convert(args.source, args.output or datasets_root() / "coco_stuff_10k")
 
 

@@ -5,6 +5,8 @@
     python tools/train_net.py --config-file ... --resume          # continue from the last checkpoint
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth TEST.AUG.ENABLED True
     python tools/train_net.py --config-file ... --num-gpus 8      # one process per GPU (NCCL)
+    python tools/train_net.py --config-file ... --num-gpus 8 --num-machines 2 --machine-rank 0 \\
+        --dist-url tcp://HOST0:29500                              # machine 0 of 2 (machine 1: --machine-rank 1)
     torchrun --nproc_per_node 8 tools/train_net.py --config-file ...   # processes started by torchrun
 
 Without a GPU, MODEL.DEVICE is set to cpu and ``--num-gpus N`` starts N CPU processes (gloo).
@@ -28,6 +30,16 @@ from structtoken_d2.modeling.backbone import check_vit_weights_file
 from structtoken_d2.modeling.checkpoint import LAST_CHECKPOINT_TAG, StructTokenCheckpointer, check_trained_weights
 
 logger = logging.getLogger("structtoken_d2")
+
+
+def build_parser():
+    """Detectron2's ``default_argument_parser`` (``--config-file``, ``--resume``, ``--eval-only``,
+    ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing ``KEY VALUE``
+    overrides) with ``--dist-timeout``, described by this module's docstring."""
+    epilog = "Trailing KEY VALUE pairs override the config: Detectron2's keys and those of structtoken_d2/config.py."
+    parser = add_launch_arguments(default_argument_parser(epilog=epilog))
+    parser.description = __doc__
+    return parser
 
 
 def checked_config(args):
@@ -82,7 +94,7 @@ def check_arguments(args):
 
 
 if __name__ == "__main__":
-    args = add_launch_arguments(default_argument_parser()).parse_args()
+    args = build_parser().parse_args()
     print("Command Line Args:", args)
     check_arguments(args)
     try:

@@ -61,7 +61,7 @@ from structtoken_d2.visualization import (
 )
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -79,7 +79,11 @@ def parse_args(argv=None):
                         "ground-truth regions over all images with a label")
     parser.add_argument("--output", required=True, help="folder of the figures (and measurements)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ... (MODEL.WEIGHTS)")
-    return move_swallowed_overrides(parser.parse_args(argv), "input", "classes")
+    return parser
+
+
+def parse_args(argv=None):
+    return move_swallowed_overrides(build_parser().parse_args(argv), "input", "classes")
 
 
 def input_records(paths, gt_dir):

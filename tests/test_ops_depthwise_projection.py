@@ -5,7 +5,7 @@ import torch
 import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
 from structtoken_d2 import ops
 from structtoken_d2.ops import reference
-from structtoken_d2.ops.accuracy import max_errors
+from structtoken_d2.ops.accuracy import forward_backward, max_errors
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 needs_cuda_kernel = pytest.mark.skipif(
@@ -13,6 +13,23 @@ needs_cuda_kernel = pytest.mark.skipif(
 
 # (B, H, W, C, channels per group): depthwise and 4-per-group (FFN) convs, 1x1 and odd images, C = 1.
 ODD_CASES = [(2, 3, 5, 8, 1), (1, 4, 3, 8, 4), (1, 1, 1, 4, 1), (2, 1, 6, 3, 3), (1, 5, 1, 1, 1), (1, 3, 3, 6, 2)]
+ZERO_SIZE_CASES = [(0, 3, 4, 8, 1), (2, 0, 4, 8, 1), (2, 3, 0, 8, 4)]  # no batch, no row, no column
+
+
+def param_id(value):
+    """Readable test ids (``2x7x9x300x1-bfloat16``), stable when a list of cases grows (tools/gpu_checks.sh
+    names some of these tests)."""
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value).replace("torch.", "")
+
+
+def strided_layout(inputs):
+    """The same values in other memory layouts, as a model may pass them: x a channels-last view of NCHW memory,
+    the conv weight with its taps outermost. Neither is contiguous."""
+    x, w1, b1, conv_weight, *rest = inputs
+    x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    conv_weight = conv_weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    assert not x.is_contiguous() and not conv_weight.is_contiguous()
+    return [x, w1, b1, conv_weight, *rest]
 
 
 def _inputs(case, dtype, device="cpu", seed=0):
@@ -32,10 +49,15 @@ def _kernel(*args, eps=1e-6, library=torch.ops.structtoken):
     return library.depthwise_projection(*args, eps)[0]
 
 
-def _assert_within_factor_of_eager(case, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken):
+def _assert_within_factor_of_eager(case, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken,
+                                   kernel=None, layout=None):
+    """Errors of ``kernel`` (default: the op of ``library``) against float64 within ``factor`` x eager PyTorch's
+    in ``dtype``; ``layout`` (e.g. :func:`strided_layout`) re-lays the inputs out in memory first."""
     inputs, grad = _inputs(case, dtype, device)
-    ours = max_errors(lambda *a, eps: _kernel(*a, eps=eps, library=library), reference.depthwise_projection, inputs,
-                      grad, eps=1e-6)
+    if layout is not None:
+        inputs = layout(inputs)
+    kernel = kernel or (lambda *a, eps: _kernel(*a, eps=eps, library=library))
+    ours = max_errors(kernel, reference.depthwise_projection, inputs, grad, eps=1e-6)
     eager = max_errors(reference.depthwise_projection, reference.depthwise_projection, inputs, grad, eps=1e-6)
     for name in ours:
         assert ours[name] <= factor * eager[name] + floor, (name, ours, eager)
@@ -121,12 +143,39 @@ def _cuda_floor(dtype):
     return 1e-5 if dtype == torch.float32 else 1e-3
 
 
+def _assert_empty_inputs_give_empty_outputs(case, dtype, device, library=torch.ops.structtoken):
+    """Zero-size inputs (which PyTorch's conv2d refuses when H or W is 0): an empty output and input gradient of
+    x's shape, and zero parameter gradients (sums over no pixel)."""
+    inputs, grad = _inputs(case, dtype, device)
+    out, grads = forward_backward(lambda *a: _kernel(*a, library=library), inputs, grad)
+    assert out.shape == grads[0].shape == inputs[0].shape and out.numel() == 0
+    for got, parameter in zip(grads[1:], inputs[1:]):
+        torch.testing.assert_close(got, torch.zeros_like(parameter), rtol=0, atol=0)
+
+
 @needs_cuda_kernel
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
 @pytest.mark.parametrize("case", ODD_CASES + [(2, 7, 9, 300, 1), (1, 5, 6, 1100, 4), (1, 3, 5, 4096, 4),
-                                              (2, 40, 40, 768, 1), (1, 33, 40, 2600, 1)])
+                                              (2, 40, 40, 768, 1), (1, 33, 40, 2600, 1)], ids=param_id)
 def test_cuda_error_within_factor_of_eager(case, dtype):
     _assert_within_factor_of_eager(case, dtype, "cuda", floor=_cuda_floor(dtype))
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
+@pytest.mark.parametrize("case", [(2, 3, 5, 8, 1), (1, 5, 6, 1100, 4), (2, 40, 40, 768, 1)], ids=param_id)
+def test_cuda_non_contiguous_inputs_through_the_dispatch(case, dtype, monkeypatch):
+    """``structtoken_d2.ops.depthwise_projection`` (what the model calls) on strided inputs runs the kernel."""
+    monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
+    _assert_within_factor_of_eager(case, dtype, "cuda", floor=_cuda_floor(dtype), layout=strided_layout,
+                                   kernel=lambda *a, eps: ops.depthwise_projection(*a, eps=eps))
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
+@pytest.mark.parametrize("case", ZERO_SIZE_CASES, ids=param_id)
+def test_cuda_zero_size_inputs_give_empty_outputs(case, dtype):
+    _assert_empty_inputs_give_empty_outputs(case, dtype, "cuda")
 
 
 # The CUDA sources run on the CPU by the emulator (tests/cuda_emulation): CI's check of the device code. Beyond
@@ -139,6 +188,26 @@ EMULATED_CASES = ODD_CASES + [(2, 3, 4, 300, 1), (1, 2, 3, 1100, 4), (1, 2, 2, 4
 @pytest.mark.parametrize("case", EMULATED_CASES)
 def test_emulated_cuda_error_within_factor_of_eager(case, dtype, emulated_cuda_ops):
     _assert_within_factor_of_eager(case, dtype, "cpu", floor=_cuda_floor(dtype), library=emulated_cuda_ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_emulated_cuda_non_contiguous_inputs_through_the_dispatch(dtype, emulated_cuda_ops, monkeypatch):
+    monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
+    monkeypatch.setattr(ops, "LIBRARY", emulated_cuda_ops)  # the dispatch's CUDA path, on the emulated kernels
+    monkeypatch.setattr(ops, "COMPILED_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setitem(ops.KERNEL_DTYPES, "cpu", ops.KERNEL_DTYPES["cuda"])
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {})  # as on CUDA
+    calls = []
+    monkeypatch.setattr(reference, "depthwise_projection", lambda *a, _f=reference.depthwise_projection, **k:
+                        calls.append(1) or _f(*a, **k))
+    _assert_within_factor_of_eager((1, 5, 6, 40, 4), dtype, "cpu", floor=_cuda_floor(dtype), layout=strided_layout,
+                                   kernel=lambda *a, eps: ops.depthwise_projection(*a, eps=eps))
+    assert len(calls) == 3  # the float64 truth and eager PyTorch's two runs: the kernel path never fell back
+
+
+@pytest.mark.parametrize("case", ZERO_SIZE_CASES, ids=param_id)
+def test_emulated_cuda_zero_size_inputs_give_empty_outputs(case, emulated_cuda_ops):
+    _assert_empty_inputs_give_empty_outputs(case, torch.bfloat16, "cpu", library=emulated_cuda_ops)
 
 
 def test_emulated_cuda_rejects_more_channels_than_supported(emulated_cuda_ops):

@@ -5,7 +5,7 @@ import torch
 import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
 from structtoken_d2 import ops
 from structtoken_d2.ops import reference
-from structtoken_d2.ops.accuracy import max_errors
+from structtoken_d2.ops.accuracy import forward_backward, max_errors
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 needs_cuda_kernel = pytest.mark.skipif(
@@ -14,6 +14,18 @@ needs_cuda_kernel = pytest.mark.skipif(
 # (B, M, C, N): odd sizes, single token / channel / image, N not a multiple of any tile.
 ODD_SHAPES = [(2, 5, 3, 7), (1, 1, 1, 1), (1, 3, 1, 33), (3, 1, 4, 5), (1, 7, 37, 65)]
 GRADCHECK_SHAPES = ODD_SHAPES[:4] + [(1, 3, 17, 9)]  # gradcheck cost grows with the input size
+ZERO_SIZE_SHAPES = [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 4, 0)]  # no batch, no token, no pixel
+
+
+def param_id(value):
+    """Readable test ids (``1x7x37x65-bfloat16``), stable when a list of cases grows (tools/gpu_checks.sh
+    names some of these tests)."""
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value).replace("torch.", "")
+
+
+def n_major(t):
+    """``t`` [B, X, N] with the same values in N-major memory (a transposed view: not contiguous)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):
@@ -28,8 +40,14 @@ def _kernel(q, k, v, scale, library=torch.ops.structtoken):
     return library.slice_attention(q, k, v, scale)[0]
 
 
-def _assert_within_factor_of_eager(shape, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken):
+def _assert_within_factor_of_eager(shape, dtype, device, factor=3.0, floor=1e-6, library=torch.ops.structtoken,
+                                   layout=None):
+    """Kernel errors (output, input gradients) against float64 within ``factor`` x eager PyTorch's in ``dtype``;
+    ``layout`` (e.g. :func:`n_major`) re-lays the inputs out in memory first."""
     (q, k, v), grad = _inputs(shape, dtype, device)
+    if layout is not None:
+        q, k, v = (layout(t) for t in (q, k, v))
+        assert not any(t.is_contiguous() for t in (q, k, v) if t.numel() > 1)
     scale = q.shape[-1] ** -0.5
     ours = max_errors(lambda *a, scale: _kernel(*a, scale, library), reference.slice_attention, (q, k, v), grad,
                       scale=scale)
@@ -132,11 +150,36 @@ def _cuda_floor(dtype):
     return 1e-5 if dtype == torch.float32 else 1e-3
 
 
+def _assert_empty_inputs_match_the_reference(shape, dtype, device, library=torch.ops.structtoken):
+    """Zero-size inputs: the kernel's output and input gradients have the reference's shapes and values
+    (zeros where an empty sum makes them)."""
+    inputs, grad = _inputs(shape, dtype, device)
+    out, grads = forward_backward(lambda *a: _kernel(*a, 0.5, library), inputs, grad)
+    expected_out, expected_grads = forward_backward(lambda *a: reference.slice_attention(*a, 0.5), inputs, grad)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @needs_cuda_kernel
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 150, 192, 1024), (1, 342, 171, 1600)])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 150, 192, 1024), (1, 342, 171, 1600)], ids=param_id)
 def test_cuda_error_within_factor_of_eager(shape, dtype):
     _assert_within_factor_of_eager(shape, dtype, "cuda", floor=_cuda_floor(dtype))
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 7, 37, 65), (2, 150, 192, 1024)], ids=param_id)
+def test_cuda_non_contiguous_inputs_error_within_factor_of_eager(shape, dtype):
+    _assert_within_factor_of_eager(shape, dtype, "cuda", floor=_cuda_floor(dtype), layout=n_major)
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", ZERO_SIZE_SHAPES, ids=param_id)
+def test_cuda_zero_size_inputs_match_the_reference(shape, dtype):
+    _assert_empty_inputs_match_the_reference(shape, dtype, "cuda")
 
 
 # The CUDA sources run on the CPU by the emulator (tests/cuda_emulation): CI's check of the device code.
@@ -144,6 +187,17 @@ def test_cuda_error_within_factor_of_eager(shape, dtype):
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 40, 70, 96)])
 def test_emulated_cuda_error_within_factor_of_eager(shape, dtype, emulated_cuda_ops):
     _assert_within_factor_of_eager(shape, dtype, "cpu", floor=_cuda_floor(dtype), library=emulated_cuda_ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_emulated_cuda_non_contiguous_inputs_error_within_factor_of_eager(dtype, emulated_cuda_ops):
+    _assert_within_factor_of_eager((1, 7, 37, 65), dtype, "cpu", floor=_cuda_floor(dtype), library=emulated_cuda_ops,
+                                   layout=n_major)
+
+
+@pytest.mark.parametrize("shape", ZERO_SIZE_SHAPES, ids=param_id)
+def test_emulated_cuda_zero_size_inputs_match_the_reference(shape, emulated_cuda_ops):
+    _assert_empty_inputs_match_the_reference(shape, torch.bfloat16, "cpu", library=emulated_cuda_ops)
 
 
 def test_emulated_cuda_saved_probs_are_the_softmax(emulated_cuda_ops):

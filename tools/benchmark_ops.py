@@ -36,17 +36,23 @@ from structtoken_d2.ops.timing import Roofline, device_label, device_roofline, m
 SLICE_PRESETS = {
     "ade20k-vitb-640-cse": (8, 150, 768, 1600),  # the target shape of docs/benchmarks.md
     "ade20k-vitt-512-cse": (8, 150, 192, 1024),
+    "ade20k-vits-512-cse": (8, 150, 384, 1024),
     "ade20k-vitl-640-cse": (8, 150, 1024, 1600),
     "ade20k-vitb-640-sse": (8, 918, 918, 1600),  # SSE: q, k, v all [K + C, N]
     "cityscapes-vitl-768-cse": (8, 19, 1024, 2304),
     "coco-vitb-512-cse": (8, 171, 768, 1024),
+    "coco-vitl-512-cse": (8, 171, 1024, 1024),  # configs/coco_stuff_10k are ViT-L
 }
 # (B, H, W, C, channels per conv group): projections are depthwise, the FFN has 4 channels per group.
 PROJECTION_PRESETS = {
     "ade20k-vitb-640-proj": (8, 40, 40, 768, 1),  # the target shape of docs/benchmarks.md
     "ade20k-vitb-640-token-proj": (8, 40, 40, 150, 1),
     "ade20k-vitb-640-ffn": (8, 40, 40, 3072, 4),
+    "ade20k-vitt-512-proj": (8, 32, 32, 192, 1),
+    "ade20k-vitt-512-ffn": (8, 32, 32, 768, 4),
+    "ade20k-vitl-640-ffn": (8, 40, 40, 4096, 4),  # the widest the CUDA kernel takes
     "cityscapes-vitl-768-proj": (8, 48, 48, 1024, 1),
+    "cityscapes-vitl-768-token-proj": (8, 48, 48, 19, 1),
 }
 HEAD_PRESETS = {
     "ade20k-vitb-640-cse": dict(batch=8, channels=768, num_classes=150, size=40, num_blocks=4),
@@ -223,11 +229,13 @@ def measure(cases: Sequence[Case], device, dtype, roofline: Roofline, iters: int
     return rows
 
 
-def markdown(rows: Sequence[Row]) -> str:
+def markdown(rows: Sequence[Row], roofline: Optional[Roofline] = None) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
-    lines = [f"Device: {rows[0].device}, dtype {rows[0].dtype}" if rows else "No rows.", "",
+    peaks = "" if roofline is None else (f"; roofline {fmt(roofline.gbps, 'g')} GB/s, "
+                                         f"{fmt(roofline.tflops, 'g')} TFLOP/s")
+    lines = [f"Device: {rows[0].device}, dtype {rows[0].dtype}{peaks}" if rows else "No rows.", "",
              "| op | preset | shape | mode | impl | median (µs) | vs eager | peak mem (MiB) | GB/s | TFLOP/s "
              "| % roofline |", "|" + "---|" * 11]
     for r in rows:
@@ -237,7 +245,7 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -251,11 +259,11 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak TFLOP/s")
     parser.add_argument("--json", default=None, help="write the rows here as JSON")
     parser.add_argument("--markdown", default=None, help="write the markdown table here (always printed)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if device.type not in ops.COMPILED_DEVICE_TYPES:
@@ -277,7 +285,7 @@ def main(argv=None) -> int:
         cases += module_cases(projection_presets, head_presets, device, dtype)
     roofline = device_roofline(device, dtype, args.peak_gbps, args.peak_tflops)
     rows = measure(cases, device, dtype, roofline, args.iters, args.warmup)
-    table = markdown(rows)
+    table = markdown(rows, roofline)
     if device.type == "cpu":
         table = "**CPU smoke figures: not GPU performance.**\n\n" + table
     print(table)

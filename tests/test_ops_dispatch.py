@@ -41,6 +41,7 @@ def test_force_pytorch_env_selects_the_reference(monkeypatch, spy_reference):
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_compiled_cpu_kernel_runs_when_built(monkeypatch, spy_reference):
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {})
     assert ops.active_implementation("cpu") == "compiled-cpu"
     attention_args, projection_args = _small_args()
     assert ops.slice_attention(*attention_args).shape == (1, 2, 5)
@@ -49,11 +50,26 @@ def test_compiled_cpu_kernel_runs_when_built(monkeypatch, spy_reference):
 
 
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
+def test_an_op_whose_reference_is_faster_on_the_device_takes_it(monkeypatch, spy_reference):
+    """On a CPU the depthwise projection takes the reference (faster there, measured: REFERENCE_IS_FASTER);
+    the slice attention its kernel."""
+    monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
+    assert ops.REFERENCE_IS_FASTER["cpu"] == {"depthwise_projection"}
+    attention_args, projection_args = _small_args()
+    assert ops.slice_attention(*attention_args).shape == (1, 2, 5)
+    assert ops.depthwise_projection(*projection_args).item() == 7.0
+    assert spy_reference == ["depthwise_projection"]
+
+
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_the_logged_summary_says_what_compiled_code_runs(monkeypatch):
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
-    assert ops.implementation_summary("cpu") == "compiled-cpu"
+    hybrid = "compiled-cpu (the pytorch reference for depthwise_projection: faster here)"
+    assert ops.implementation_summary("cpu") == hybrid
     assert ops.implementation_summary("cpu", model_compiled=True) == (
-        "compiled-cpu in eager code, the pytorch reference in compiled code (MODEL.COMPILE)")
+        f"{hybrid} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)")
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {})
+    assert ops.implementation_summary("cpu") == "compiled-cpu"
     monkeypatch.setattr(ops, "COMPILE_TRACES_REFERENCE", frozenset())  # as on CUDA
     assert ops.implementation_summary("cpu", model_compiled=True) == "compiled-cpu"
     monkeypatch.setenv(ops.FORCE_PYTORCH_ENV, "1")
@@ -72,7 +88,8 @@ def test_dtypes_without_a_kernel_take_the_reference(monkeypatch, spy_reference):
 
 
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
-def test_non_contiguous_channels_last_input_is_accepted():
+def test_non_contiguous_channels_last_input_is_accepted(monkeypatch):
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {})
     _, (x, *params) = _small_args()
     strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # [B, H, W, C] view of an NCHW tensor
     torch.testing.assert_close(ops.depthwise_projection(strided, *params), reference.depthwise_projection(x, *params))
@@ -132,6 +149,7 @@ def test_head_step_on_the_emulated_cuda_kernels(variant, autocast_dtype, emulate
     monkeypatch.setattr(ops, "LIBRARY", emulated_cuda_ops)
     monkeypatch.setattr(ops, "COMPILED_DEVICE_TYPES", frozenset({"cpu"}))
     monkeypatch.setitem(ops.KERNEL_DTYPES, "cpu", ops.KERNEL_DTYPES["cuda"])
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {})  # as on CUDA
     reference_calls = []
     for name in ("slice_attention", "depthwise_projection"):  # record any fallback to the reference
         original = getattr(reference, name)

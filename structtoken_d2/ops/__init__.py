@@ -4,8 +4,9 @@
 ``"compiled-cuda"``, ``"compiled-cpu"`` or ``"pytorch"``. Set the environment variable
 ``STRUCTTOKEN_D2_FORCE_PYTORCH_OPS=1`` (or the config key ``MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS``)
 to force the reference. Inputs in a dtype the kernels lack (e.g. bfloat16 on CPU) also take the
-reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``, and so does code
-that ``torch.compile`` traces on a device of ``COMPILE_TRACES_REFERENCE``. Under autocast, the ops run
+reference, and so do CUDA projections wider than ``CUDA_MAX_PROJECTION_CHANNELS``, ops whose kernel is
+slower than the reference on the device type (``REFERENCE_IS_FASTER``), and code that ``torch.compile``
+traces on a device of ``COMPILE_TRACES_REFERENCE``. Under autocast, the ops run
 in the autocast dtype, as ``torch.matmul`` / ``conv2d`` would.
 """
 import contextlib
@@ -55,6 +56,13 @@ COMPILED_DEVICE_TYPES = _compiled_device_types()
 # CUDA keeps its kernels: not measured on a GPU yet.
 COMPILE_TRACES_REFERENCE = frozenset({"cpu"})
 
+# Ops that take the reference on a device type where their compiled kernel is built, because the reference
+# is faster there. On a CPU the fused depthwise projection (forward + backward, the ViT-T ADE20K head's
+# widths 150 to 1368, batch 2, 1 thread; /tmp measurements of 2026-12-04, docs/benchmarks.md "The CPU
+# path") took 1.1-1.6x the time of the reference, whose oneDNN grouped convolution it cannot match,
+# while the slice attention kernel was as fast or faster inside the head.
+REFERENCE_IS_FASTER = {"cpu": frozenset({"depthwise_projection"})}
+
 # The op library the dispatch below calls (the tests swap in the CUDA kernels run on the CPU emulator).
 LIBRARY = torch.ops.structtoken
 
@@ -75,7 +83,10 @@ def implementation_summary(device, model_compiled: bool = False) -> str:
     """:func:`active_implementation`, and what compiled code runs where that differs (a model with
     ``MODEL.COMPILE`` on a device of ``COMPILE_TRACES_REFERENCE``): the line the trainer logs."""
     name = active_implementation(device)
-    if model_compiled and name != "pytorch" and torch.device(device).type in COMPILE_TRACES_REFERENCE:
+    device_type = torch.device(device).type
+    if name != "pytorch" and REFERENCE_IS_FASTER.get(device_type):
+        name += f" (the pytorch reference for {', '.join(sorted(REFERENCE_IS_FASTER[device_type]))}: faster here)"
+    if model_compiled and name != "pytorch" and device_type in COMPILE_TRACES_REFERENCE:
         return f"{name} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)"
     return name
 
@@ -103,14 +114,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _runs_compiled(device: torch.device, dtype: torch.dtype) -> bool:
-    return active_implementation(device) != "pytorch" and dtype in KERNEL_DTYPES[device.type]
+def _runs_compiled(device: torch.device, dtype: torch.dtype, op: str) -> bool:
+    return (active_implementation(device) != "pytorch" and dtype in KERNEL_DTYPES[device.type]
+            and op not in REFERENCE_IS_FASTER.get(device.type, ()))
 
 
 def slice_attention(q, k, v, scale: float):
     """See :func:`reference.slice_attention`; ``[B, M, N] x [B, C, N] x [B, C, N] -> [B, M, N]``."""
     dtype = _compute_dtype(q)
-    if not _runs_compiled(q.device, dtype):
+    if not _runs_compiled(q.device, dtype, "slice_attention"):
         return reference.slice_attention(q, k, v, scale)
     with torch.autocast(q.device.type, enabled=False):
         return LIBRARY.slice_attention(q.to(dtype), k.to(dtype), v.to(dtype), float(scale))[0]
@@ -124,7 +136,7 @@ def depthwise_projection(x, norm1_weight, norm1_bias, conv_weight, conv_bias, no
     params = (norm1_weight, norm1_bias, conv_weight, conv_bias, norm2_weight, norm2_bias)
     dtype = _compute_dtype(x)
     too_wide = x.device.type == "cuda" and x.shape[-1] > CUDA_MAX_PROJECTION_CHANNELS
-    if too_wide or not _runs_compiled(x.device, dtype):
+    if too_wide or not _runs_compiled(x.device, dtype, "depthwise_projection"):
         return reference.depthwise_projection(x, *params, eps)
     with torch.autocast(x.device.type, enabled=False):
         args = [x.to(dtype).contiguous()] + [p.to(dtype) for p in params]

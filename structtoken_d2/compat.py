@@ -25,7 +25,7 @@ from PIL import Image
 FULL_BUILD_HINT = (
     "install a full detectron2 build with its compiled ops, e.g. "
     "`pip install 'git+https://github.com/facebookresearch/detectron2.git'` "
-    "(see README, 'Installing on a GPU machine')"
+    "(see docs/getting_started.md, 'Installing on a GPU machine')"
 )
 
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# `make setup`: create .venv and install everything structtoken-d2 needs, from the package registries only.
+# Create .venv and install everything structtoken-d2 needs, from the package registries only.
+#   bash tools/setup_env.sh          (what `make setup` runs; no arguments)
+# Torch, requirements.txt + requirements-dev.txt, detectron2 (tools/install_detectron2.py), then the
+# structtoken_d2._C extension built in place and the project installed editable.
 # Idempotent: each step is skipped when what it installs is already in place.
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 VENV=.venv
@@ -41,7 +45,7 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   done
 fi
 src_hash=$( (cat setup.py; find csrc -type f | sort | xargs -r cat; env | grep -E '^(CUDA_HOME|FORCE_CUDA|TORCH_CUDA_ARCH_LIST|STRUCTTOKEN_D2_NO_EXTENSION)=' | sort) | sha256sum | cut -d' ' -f1)
-if [ "$(cat $VENV/.extension.sha256 2>/dev/null)" = "$src_hash" ] && "$py" -c "import structtoken_d2" 2>/dev/null; then
+if [ "$(cat $VENV/.extension.sha256 2>/dev/null)" = "$src_hash" ] && "$py" -c "import structtoken_d2, structtoken_runtime" 2>/dev/null; then
   say "structtoken_d2 and its extension up to date, skipped"
 else
   say "building the structtoken_d2._C extension in place (CUDA_HOME=${CUDA_HOME:-none})"

@@ -5,16 +5,18 @@ import os
 import sys
 
 from detectron2.utils import comm
+from structtoken_runtime import RuntimeModelError
 
 from ..config_loading import ConfigError
 from ..data import DataFileError
 from ..data.datasets import DatasetNotFoundError
+from ..export import ExportError
 from ..modeling.checkpoint import (
     CheckpointMismatchError, ClassCountMismatchError, NoLoadableCheckpointError, WeightsNotFoundError,
 )
 
 USER_ERRORS = (ConfigError, DataFileError, DatasetNotFoundError, ClassCountMismatchError, CheckpointMismatchError,
-               NoLoadableCheckpointError, WeightsNotFoundError)
+               NoLoadableCheckpointError, WeightsNotFoundError, ExportError, RuntimeModelError)
 
 
 def user_error_message(error: BaseException) -> str:

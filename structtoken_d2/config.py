@@ -77,6 +77,11 @@ def _add_model_config(cfg: CN) -> None:
     cfg.MODEL.VIT.EMBED_DIM = 0
     cfg.MODEL.VIT.DEPTH = 0
     cfg.MODEL.VIT.NUM_HEADS = 0
+    # Attention of the ViT blocks: True runs F.scaled_dot_product_attention (timm's fused_attn), False
+    # the explicit softmax(q k^T / sqrt(d)) v (the same result to rounding). On a CPU under bfloat16
+    # autocast the fused kernel's backward is several times slower than the explicit one's matrix
+    # products (docs/benchmarks.md), so the main job sets False.
+    cfg.MODEL.VIT.FUSED_ATTENTION = True
     # Input size the backbone is built for: its position embeddings cover IMG_SIZE / 16 and are
     # resized (bicubic) to any other input at run time. The training crop, as in the authors'
     # configs; it sets the parameter count (pos_embed).
@@ -147,6 +152,11 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.POLY_LR_POWER = 1.0
     # Mixed-precision dtype when SOLVER.AMP.ENABLED: "bfloat16" (where supported) or "float16".
     cfg.SOLVER.AMP.DTYPE = "bfloat16"
+    # What the training step's autocast (SOLVER.AMP.ENABLED) covers: "model" (backbone and head) or
+    # "backbone" (the ViT's matrix products; the head, its structure tokens and slice interactions, in
+    # float32). The main job's structure tokens stopped marking out the shapes block by block with the
+    # head in bfloat16 (docs/structure_tokens.md); its speed is in the backbone's matrix products.
+    cfg.SOLVER.AMP.SCOPE = "model"
     # PARAM_GROUPS "norm_layers": parameters whose full name contains one of these get no weight
     # decay (norm layers never do): position embedding, class token and the structure tokens.
     cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["pos_embed", "cls_token", "sem_seg_head.tokens"]

@@ -1,4 +1,6 @@
 """SOLVER.CLIP_GRADIENTS as foreach ops: the same updates as Detectron2's per-parameter clipping loop."""
+import copy
+
 import pytest
 import torch
 
@@ -71,3 +73,30 @@ def test_build_optimizer_clips_as_configured():
     assert type(build_optimizer(tiny_cfg({"SOLVER.CLIP_GRADIENTS.ENABLED": False}), model)) is torch.optim.AdamW
     with pytest.raises(ValueError, match="CLIP_TYPE must be one of \\['norm', 'value'\\], got 'full_model'"):
         build_optimizer(tiny_cfg({"SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model"}), model)
+
+
+def test_the_adamw_of_the_config_is_fused_and_updates_as_the_per_tensor_one():
+    cfg = tiny_cfg({"SOLVER.CLIP_GRADIENTS.ENABLED": False})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    fused = build_optimizer(cfg, model)
+    assert fused.defaults["fused"] is True
+    reference_model = copy.deepcopy(model)
+    groups = [dict(g, params=[dict(reference_model.named_parameters())[n] for n in names])
+              for g, names in zip(fused.param_groups, _group_names(model, fused))]
+    reference = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"} for g in groups], fused=False)
+    for step in range(3):
+        for m in (model, reference_model):
+            for i, p in enumerate(m.parameters()):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step + i).reshape(p.shape)
+        fused.step()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert max((p - q).abs().max() for p, q in zip(model.parameters(), build_model(cfg).parameters())) > 1e-4
+
+
+def _group_names(model, optimizer):
+    """The parameter names of each of ``optimizer``'s groups."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]

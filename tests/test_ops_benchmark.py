@@ -38,7 +38,7 @@ def test_cpu_smoke_run_covers_every_case(benchmark_ops, tmp_path):
         assert ("DepthwiseProjection module", "fwd+bwd", impl) in seen
     assert all(r["median_us"] > 0 and r["device"].startswith("CPU") for r in rows)
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
-    assert out_md.read_text().startswith("**CPU smoke figures: not GPU performance.**")
+    assert out_md.read_text().startswith("**CPU figures (median process CPU time, interleaved rounds): not GPU performance.**")
 
 
 def test_missing_extension_exits_with_build_instructions(benchmark_ops, monkeypatch):

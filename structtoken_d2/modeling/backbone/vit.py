@@ -77,6 +77,7 @@ class TimmViT(Backbone):
         embed_dim: int = 0,
         depth: int = 0,
         num_heads: int = 0,
+        fused_attention: bool = True,
         in_chans: int = 3,
         out_feature: str = "last_feat",
     ):
@@ -90,6 +91,8 @@ class TimmViT(Backbone):
             weights: local ImageNet checkpoint (see :func:`load_vit_weights`); "" = random init.
             embed_dim, depth, num_heads: override the architecture's values when non-zero (small
                 models for tests).
+            fused_attention: attention through ``F.scaled_dot_product_attention`` (timm's
+                ``fused_attn``); False: the explicit ``softmax(q kᵀ) v`` (MODEL.VIT.FUSED_ATTENTION).
             in_chans: input channels.
             out_feature: name of the output feature.
         """
@@ -105,6 +108,8 @@ class TimmViT(Backbone):
                 getattr(vit, "reg_token", None) is not None or getattr(vit, "pos_embed", None) is None:
             raise ValueError(f"{name}: TimmViT needs a classic ViT (class token, absolute position "
                              f"embeddings covering it, no register tokens)")
+        for block in vit.blocks:
+            block.attn.fused_attn = fused_attention
         if not final_norm:
             vit.norm = nn.Identity()
         self.final_norm = final_norm
@@ -133,6 +138,7 @@ class TimmViT(Backbone):
             "embed_dim": v.EMBED_DIM,
             "depth": v.DEPTH,
             "num_heads": v.NUM_HEADS,
+            "fused_attention": v.FUSED_ATTENTION,
             "in_chans": input_shape.channels if input_shape is not None and input_shape.channels else 3,
         }
 

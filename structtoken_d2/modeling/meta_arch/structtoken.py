@@ -17,6 +17,8 @@ from ..checkpoint import ClassCountMismatchError
 logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
+#: SOLVER.AMP.SCOPE: what the training step's autocast covers (the head in float32 with "backbone").
+AMP_SCOPES = ("model", "backbone")
 
 
 def _resize_logits_aligned(logits: torch.Tensor, size: Tuple[int, int], stride: int) -> torch.Tensor:
@@ -106,6 +108,7 @@ class StructTokenSegmentor(nn.Module):
         logits_resize: str = "aligned",
         slide_batch: int = 1,
         compile_model: bool = False,
+        head_in_float32: bool = False,
     ):
         super().__init__()
         if test_mode not in TEST_MODES:
@@ -126,6 +129,7 @@ class StructTokenSegmentor(nn.Module):
         self.slide_stride = tuple(int(s) for s in slide_stride)
         self.logits_resize = logits_resize
         self.slide_batch = slide_batch
+        self.head_in_float32 = head_in_float32
         if compile_model:  # in place: parameter names, and so checkpoints, stay those of the eager model
             self.backbone.compile()
             self.sem_seg_head.compile()
@@ -133,6 +137,8 @@ class StructTokenSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         check_dataset_num_classes(cfg)
+        if cfg.SOLVER.AMP.SCOPE not in AMP_SCOPES:
+            raise ValueError(f"SOLVER.AMP.SCOPE={cfg.SOLVER.AMP.SCOPE!r}; valid: {', '.join(AMP_SCOPES)}")
         if cfg.MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS:
             os.environ[ops.FORCE_PYTORCH_ENV] = "1"
             logger.info("MODEL.STRUCTTOKEN.FORCE_PYTORCH_OPS: using the PyTorch reference ops")
@@ -151,6 +157,7 @@ class StructTokenSegmentor(nn.Module):
             "logits_resize": cfg.TEST.LOGITS_RESIZE,
             "slide_batch": cfg.TEST.SLIDE_BATCH,
             "compile_model": cfg.MODEL.COMPILE,
+            "head_in_float32": cfg.SOLVER.AMP.SCOPE == "backbone",
         }
 
     @property
@@ -196,8 +203,13 @@ class StructTokenSegmentor(nn.Module):
         return (images.float() - self.pixel_mean) / self.pixel_std
 
     def decode(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, H, W]`` ``->`` the head's logits ``[B, K, ceil(H/16), ceil(W/16)]``."""
-        return self.sem_seg_head(self.backbone(images))
+        """Normalised ``[B, 3, H, W]`` ``->`` the head's logits ``[B, K, ceil(H/16), ceil(W/16)]``. With
+        ``head_in_float32`` (``SOLVER.AMP.SCOPE "backbone"``) an enclosing autocast covers the backbone only."""
+        features = self.backbone(images)
+        if not (self.head_in_float32 and torch.is_autocast_enabled(images.device.type)):
+            return self.sem_seg_head(features)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.sem_seg_head({name: f.float() for name, f in features.items()})
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of stride-16 ``logits`` upsampled to the ``targets [B, H, W]`` size."""

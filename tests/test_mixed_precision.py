@@ -57,7 +57,8 @@ def test_bf16_autocast_training_step_follows_float32(variant):
     overrides = {"MODEL.STRUCTTOKEN.VARIANT": variant, "MODEL.VIT.EMBED_DIM": 64, "MODEL.VIT.NUM_HEADS": 2,
                  "MODEL.VIT.FUSED_ATTENTION": False}
     cfg32 = tiny_cfg(dict(overrides, **{"SOLVER.AMP.ENABLED": False}))
-    cfg16 = tiny_cfg(dict(overrides, **{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.DTYPE": "bfloat16"}))
+    cfg16 = tiny_cfg(dict(overrides, **{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.DTYPE": "bfloat16",
+                                        "SOLVER.AMP.SCOPE": "model"}))
     torch.manual_seed(0)
     model32 = build_model(cfg32).train()
     model16 = copy.deepcopy(model32)

@@ -17,7 +17,8 @@ from structtoken_d2 import add_structtoken_config
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO / "configs/synthetic/structtoken_shapes.yaml"
 
-#: Overrides shrinking the synthetic config to a 1-block, 32-wide model on 32 x 32 crops (seconds on a CPU).
+#: Overrides shrinking the synthetic config to a 1-block, 32-wide model on 32 x 32 crops (seconds on a CPU),
+#: trained in float32 (tests/test_mixed_precision.py covers the main job's bfloat16 autocast).
 TINY_OPTS = [
     "MODEL.DEVICE", "cpu", "MODEL.VIT.EMBED_DIM", 32, "MODEL.VIT.DEPTH", 1, "MODEL.VIT.NUM_HEADS", 2,
     "MODEL.VIT.IMG_SIZE", [32, 32], "MODEL.STRUCTTOKEN.NUM_BLOCKS", 1, "MODEL.STRUCTTOKEN.TOKEN_SIZE", [2, 2],
@@ -25,7 +26,7 @@ TINY_OPTS = [
     "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 1, "SOLVER.CHECKPOINT_PERIOD", 1000,
     "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0, "TEST.AUG.ENABLED", False, "TEST.PREDICTION_IMAGES", 0,
     "TEST.SLIDE_CROP_SIZE", [32, 32], "TEST.SLIDE_STRIDE", [21, 21], "TEST.SCALE", [32, 32],
-    "INPUT.MIN_SIZE_TEST", 32, "INPUT.MAX_SIZE_TEST", 32,
+    "INPUT.MIN_SIZE_TEST", 32, "INPUT.MAX_SIZE_TEST", 32, "SOLVER.AMP.ENABLED", False,
 ]
 
 

@@ -20,9 +20,9 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
 from structtoken_d2 import ops
 from structtoken_d2.modeling import EXTRACTION_REGISTRY, StructTokenHead
 from structtoken_d2.ops.timing import interleaved_times, peak_memory_bytes
+from structtoken_d2.output_files import replace_file
 
 SHAPES = {
     "ade20k-vitt-512": dict(batch=8, channels=192, num_classes=150, size=32, num_blocks=4),
@@ -124,10 +125,7 @@ def main(argv=None) -> int:
         found, found_problems = check_variant(variant, SHAPES[args.shape], device, args.iters, args.warmup)
         figures.update(found)
         problems += found_problems
-    tmp = f"{args.json}.partial"
-    with open(tmp, "w") as f:
-        json.dump({**figures, "problems": problems}, f, indent=1)
-    os.replace(tmp, args.json)
+    replace_file(args.json, lambda tmp: Path(tmp).write_text(json.dumps({**figures, "problems": problems}, indent=1)))
     for key, value in figures.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     for problem in problems:

@@ -22,13 +22,14 @@ figures as a flat JSON object (``problems``: why it failed); exit status 1 when 
 import argparse
 import json
 import math
-import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from structtoken_d2.output_files import replace_file
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_JOB = "configs/synthetic/structtoken_shapes.yaml"
@@ -176,10 +177,7 @@ def main(argv=None) -> int:
         figures.update({f"{run}: {key}": value for key, value in found.items()})
     if "kernels: s/it" in figures and "pytorch-ops: s/it" in figures:
         figures["kernels speed-up over pytorch-ops"] = figures["pytorch-ops: s/it"] / figures["kernels: s/it"]
-    tmp = f"{args.json}.partial"
-    with open(tmp, "w") as f:
-        json.dump({**figures, "problems": problems}, f, indent=1)
-    os.replace(tmp, args.json)
+    replace_file(args.json, lambda tmp: Path(tmp).write_text(json.dumps({**figures, "problems": problems}, indent=1)))
     for key, value in figures.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     for problem in problems:

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import structtoken_d2  # noqa: F401  (registrations)
 from detectron2.modeling import BACKBONE_REGISTRY
 from structtoken_d2.modeling import CheckpointMismatchError, TimmViT
+from structtoken_d2.modeling.backbone.vit import patch_tokens
 
 ARCH = dict(embed_dim=32, depth=2, num_heads=2)  # a tiny vit_tiny_patch16_384
 
@@ -141,3 +142,30 @@ def test_gradients_reach_the_backbone():
     backbone(torch.randn(1, 3, 40, 56))["last_feat"].square().mean().backward()
     assert backbone.vit.patch_embed.proj.weight.grad.abs().sum() > 0
     assert backbone.vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
+    # float64: the tokens and every gradient of the 16x16 / 16 patch embedding as F.conv2d computes them.
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, 16, stride=16).double()
+    x = torch.randn(2, 3, 48, 32, dtype=torch.float64)
+    upstream = torch.randn(2, 6, 8, dtype=torch.float64)
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tokens, grid = patch_tokens(ours_x, proj)
+    ref = F.conv2d(ref_x, proj.weight, proj.bias, stride=16)
+    assert grid == (3, 2)
+    torch.testing.assert_close(tokens, ref.flatten(2).transpose(1, 2), rtol=0, atol=1e-12)
+    weight, bias = proj.weight.detach().clone().requires_grad_(), proj.bias.detach().clone().requires_grad_()
+    F.conv2d(ref_x, weight, bias, stride=16).flatten(2).transpose(1, 2).backward(upstream)
+    tokens.backward(upstream)
+    for ours_grad, ref_grad in ((ours_x.grad, ref_x.grad), (proj.weight.grad, weight.grad), (proj.bias.grad, bias.grad)):
+        torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_overlapping_patch_embedding_runs_the_convolution():
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1).double()
+    x = torch.randn(1, 3, 10, 12, dtype=torch.float64)
+    tokens, grid = patch_tokens(x, proj)
+    assert grid == (5, 6)
+    torch.testing.assert_close(tokens, proj(x).flatten(2).transpose(1, 2), rtol=0, atol=0)

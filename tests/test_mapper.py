@@ -9,7 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from structtoken_d2 import add_structtoken_config
 from structtoken_d2.data import build_dataset_mapper
-from structtoken_d2.data.transforms import PhotometricDistortionTransform, keep_ratio_size
+from structtoken_d2.data.transforms import CategoryAreaCrop, PhotometricDistortionTransform, keep_ratio_size
 
 # Six well separated RGB colours: the class of a pixel is the index of its colour.
 PALETTE = np.array([[0, 0, 255], [0, 255, 0], [255, 0, 0], [255, 255, 0], [0, 255, 255], [255, 0, 255]], np.uint8)
@@ -193,6 +193,29 @@ def test_crop_respects_category_area_constraint(tmp_path):
     np.random.seed(0)
     assert sum(ok(constrained) for _ in range(50)) >= 42
     assert sum(ok(plain) for _ in range(50)) <= 22
+
+
+def test_category_area_crop_draws_detectron2s_crops():
+    # Same np.random draws, so the same crop as Detectron2's RandomCrop_CategoryAreaConstraint, whether
+    # its first draw is kept or redrawn (the pixel count differs: bincount instead of unique).
+    rng = np.random.default_rng(0)
+    redrawn = 0
+    for trial in range(60):
+        h, w = rng.integers(40, 90, size=2)
+        label = np.zeros((h, w), np.uint8)
+        label[:, rng.integers(w):] = rng.integers(1, 4)
+        label[rng.integers(h):, : rng.integers(w)] = 255
+        crop = (32, int(rng.integers(20, 40)))
+        transforms = []
+        for aug in (CategoryAreaCrop("absolute", crop, 0.75, 255),
+                    T.RandomCrop_CategoryAreaConstraint("absolute", crop, 0.75, 255),
+                    T.RandomCrop_CategoryAreaConstraint("absolute", crop, 1.0, 255)):
+            np.random.seed(trial)
+            tfm = aug.get_transform(np.zeros((h, w, 3), np.uint8), label)
+            transforms.append((tfm.x0, tfm.y0, tfm.w, tfm.h))
+        assert transforms[0] == transforms[1]
+        redrawn += transforms[1] != transforms[2]
+    assert redrawn >= 10  # the constraint did redraw crops, so the equality covers its counting
 
 
 def test_keep_ratio_size():

@@ -20,7 +20,7 @@ from detectron2.utils.registry import Registry
 
 from .datasets.registration import IGNORE_LABEL
 from .labels import DataFileError, read_image_file, read_sem_seg_label
-from .transforms import PhotometricDistortion, ResizeToScale
+from .transforms import CategoryAreaCrop, PhotometricDistortion, ResizeToScale
 
 DATASET_MAPPER_REGISTRY = Registry("DATASET_MAPPER")
 DATASET_MAPPER_REGISTRY.__doc__ = """Builders ``f(cfg, is_train, **kwargs) -> mapper``, by the name
@@ -69,11 +69,8 @@ class SemanticSegmentationMapper:
                         f"INPUT.CROP.TYPE must be 'absolute' (a crop size in pixels) for the "
                         f"'{cfg.INPUT.DATASET_MAPPER_NAME}' mapper, got {cfg.INPUT.CROP.TYPE!r}"
                     )
-                augs.append(
-                    T.RandomCrop_CategoryAreaConstraint(
-                        "absolute", cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, IGNORE_LABEL
-                    )
-                )
+                augs.append(CategoryAreaCrop("absolute", cfg.INPUT.CROP.SIZE,
+                                             cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, IGNORE_LABEL))
                 pad_size = list(cfg.INPUT.CROP.SIZE)
             if cfg.INPUT.RANDOM_FLIP != "none":  # Detectron2's key: "horizontal" (mmseg's), "vertical", "none"
                 flip = cfg.INPUT.RANDOM_FLIP

@@ -12,6 +12,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 from detectron2.structures import ImageList
 
 from ... import ops
+from ..bilinear_matmul import resize_bilinear
 from ..checkpoint import ClassCountMismatchError
 
 logger = logging.getLogger(__name__)
@@ -212,8 +213,9 @@ class StructTokenSegmentor(nn.Module):
             return self.sem_seg_head({name: f.float() for name, f in features.items()})
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of stride-16 ``logits`` upsampled to the ``targets [B, H, W]`` size."""
-        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        """Cross-entropy of stride-16 ``logits`` upsampled (bilinear, as two matrix products:
+        :mod:`..bilinear_matmul`) to the ``targets [B, H, W]`` size."""
+        logits = resize_bilinear(logits.float(), targets.shape[-2:])
         loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="none")
         if self.loss_avg_non_ignore:
             loss = loss.sum() / (targets != self.ignore_value).sum().clamp(min=1)

@@ -13,13 +13,13 @@ from structtoken_d2.ops.timing import interleaved_times, peak_rss_bytes
 from tiny_runs import SHAPES_CONFIG, load_tool, tiny_opts
 
 
-def test_calls_are_interleaved_round_robin_after_the_warmup():
+def test_calls_are_interleaved_round_robin_after_the_warmup_each_round_starting_one_later():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     rounds = []
     times = interleaved_times(fns, torch.device("cpu"), iters=2, warmup=1,
                               on_round=lambda timed, i, t: rounds.append((timed, i)))
-    assert calls == ["a", "b", "c"] * 3  # 1 warm-up round + 2 timed rounds
+    assert calls == ["a", "b", "c"] * 2 + ["b", "c", "a"]  # 1 warm-up round + 2 timed rounds
     assert rounds == [(False, 0), (True, 0), (True, 1)]
     assert all(len(t.wall) == 2 and len(t.cpu) == 2 and t.warmup_s > 0 for t in times.values())
 

@@ -2,9 +2,11 @@
 extension stops it with a message that says how to build it. (tools/gpu_checks.sh: tests/test_gpu_checks.py.)"""
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import structtoken_d2  # noqa: F401  (compat shims before any detectron2 import)
 from structtoken_d2 import ops
@@ -39,6 +41,16 @@ def test_cpu_smoke_run_covers_every_case(benchmark_ops, tmp_path):
     assert all(r["median_us"] > 0 and r["device"].startswith("CPU") for r in rows)
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
     assert out_md.read_text().startswith("**CPU figures (median process CPU time, interleaved rounds): not GPU performance.**")
+
+
+@pytest.mark.parametrize("clock", ["process", "wall"])
+def test_cpu_rows_are_timed_by_the_chosen_clock(benchmark_ops, clock):
+    # A call that sleeps 30 ms: 30 ms of wall time, next to no CPU time.
+    cases = [benchmark_ops.Case("sleep", "p", "s", "fwd", impl, lambda: time.sleep(0.03)) for impl in ("kernel", "eager")]
+    roofline = benchmark_ops.device_roofline(torch.device("cpu"), torch.float32, None, None)
+    rows = benchmark_ops.measure(cases, torch.device("cpu"), torch.float32, roofline, 3, 0, cpu_clock=clock)
+    for row in rows:
+        assert (row.median_us >= 30000) if clock == "wall" else (row.median_us < 10000)
 
 
 def test_missing_extension_exits_with_build_instructions(benchmark_ops, monkeypatch):

@@ -51,20 +51,24 @@ def test_compiled_cpu_kernel_runs_when_built(monkeypatch, spy_reference):
 
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_an_op_whose_reference_is_faster_on_the_device_takes_it(monkeypatch, spy_reference):
-    """On a CPU the depthwise projection takes the reference (faster there, measured: REFERENCE_IS_FASTER);
-    the slice attention its kernel."""
+    """On a CPU both ops take the reference (faster there, measured: REFERENCE_IS_FASTER); without the
+    entry, the kernels."""
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
-    assert ops.REFERENCE_IS_FASTER["cpu"] == {"depthwise_projection"}
+    assert ops.REFERENCE_IS_FASTER["cpu"] == {"depthwise_projection", "slice_attention"}
     attention_args, projection_args = _small_args()
-    assert ops.slice_attention(*attention_args).shape == (1, 2, 5)
+    assert ops.slice_attention(*attention_args).item() == 7.0
     assert ops.depthwise_projection(*projection_args).item() == 7.0
-    assert spy_reference == ["depthwise_projection"]
+    assert spy_reference == ["slice_attention", "depthwise_projection"]
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {"cpu": frozenset({"depthwise_projection"})})
+    assert ops.slice_attention(*attention_args).shape == (1, 2, 5)  # the kernel
+    ops.depthwise_projection(*projection_args)
+    assert spy_reference == ["slice_attention", "depthwise_projection", "depthwise_projection"]
 
 
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_the_logged_summary_says_what_compiled_code_runs(monkeypatch):
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
-    hybrid = "compiled-cpu (the pytorch reference for depthwise_projection: faster here)"
+    hybrid = "compiled-cpu (the pytorch reference for depthwise_projection, slice_attention: faster here)"
     assert ops.implementation_summary("cpu") == hybrid
     assert ops.implementation_summary("cpu", model_compiled=True) == (
         f"{hybrid} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)")

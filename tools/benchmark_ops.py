@@ -220,11 +220,13 @@ def module_cases(projection_presets, head_presets, device, dtype) -> List[Case]:
     return cases
 
 
-def measure(cases: Sequence[Case], device, dtype, roofline: Roofline, iters: int, warmup: int) -> List[Row]:
+def measure(cases: Sequence[Case], device, dtype, roofline: Roofline, iters: int, warmup: int,
+            cpu_clock: str = "process") -> List[Row]:
     """Median time of each case. On a GPU one case after the other (CUDA events, L2 flushed); on a CPU
     the implementations of one op, preset and mode in interleaved rounds (:func:`interleaved_times`),
-    and the process's CPU time (all threads), which other jobs on a shared machine change far less
-    than the wall time."""
+    timed by ``cpu_clock``: "process", the process's CPU time (all threads), which other jobs on a shared
+    machine change far less than the wall time; or "wall", what a user waits for (with several threads,
+    CPU time also counts the threads' waits for each other)."""
     times = {}
     rows = []
     label = device_label(device)
@@ -235,7 +237,8 @@ def measure(cases: Sequence[Case], device, dtype, roofline: Roofline, iters: int
             groups.setdefault((case.op, case.preset, case.mode), {})[case.impl] = case.fn
         for key, fns in groups.items():
             for impl, call_times in interleaved_times(fns, device, iters, warmup).items():
-                interleaved[key + (impl,)] = statistics.median(call_times.cpu)
+                interleaved[key + (impl,)] = statistics.median(call_times.cpu if cpu_clock == "process"
+                                                               else call_times.wall)
     for case in cases:
         seconds = interleaved.get((case.op, case.preset, case.mode, case.impl))
         seconds = seconds if seconds is not None else median_seconds(case.fn, device, iters, warmup)
@@ -283,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only the presets whose name contains one of these (e.g. vitt-512)")
     parser.add_argument("--heads-only", action="store_true",
                         help="only the head training-step rows (e.g. the CPU comparison of the ViT-T heads)")
+    parser.add_argument("--cpu-clock", choices=("process", "wall"), default="process",
+                        help="CPU rows: median process CPU time (steadier on a shared machine) or wall time")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's memory bandwidth")
@@ -321,11 +326,11 @@ def main(argv=None) -> int:
         if not args.no_modules:
             cases += module_cases(projection_presets, head_presets, device, dtype)
     roofline = device_roofline(device, dtype, args.peak_gbps, args.peak_tflops)
-    rows = measure(cases, device, dtype, roofline, args.iters, args.warmup)
+    rows = measure(cases, device, dtype, roofline, args.iters, args.warmup, args.cpu_clock)
     table = markdown(rows, roofline)
     if device.type == "cpu":
-        table = ("**CPU figures (median process CPU time, interleaved rounds): not GPU performance.**\n\n"
-                 + table)
+        clock = "process CPU time" if args.cpu_clock == "process" else "wall time"
+        table = f"**CPU figures (median {clock}, interleaved rounds): not GPU performance.**\n\n" + table
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:

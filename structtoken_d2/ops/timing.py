@@ -112,7 +112,10 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], device: torch.device
                       on_round: Optional[Callable[[bool, int, Dict[str, CallTimes]], None]] = None
                       ) -> Dict[str, CallTimes]:
     """Times every ``fns[name]()`` ``iters`` times, round-robin (one call of each per round), after
-    ``warmup`` untimed rounds, so that a load change on a shared machine hits every callable alike.
+    ``warmup`` untimed rounds, so that a load change on a shared machine hits every callable alike. Each
+    timed round starts one callable later than the previous, so that none always runs first: with the
+    same code on both sides, the one timed first in every round came out up to 6% slower (2 threads,
+    2-core CPU, docs/benchmarks.md "The CPU path of the head").
     ``on_round(timed, round_index, times)`` is called after each round (progress)."""
     def timed(fn):
         if device.type == "cuda":
@@ -129,9 +132,10 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], device: torch.device
             times[name].warmup_s += timed(fn)[0]
         if on_round is not None:
             on_round(False, i, times)
+    names = list(fns)
     for i in range(iters):
-        for name, fn in fns.items():
-            wall, cpu = timed(fn)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            wall, cpu = timed(fns[name])
             times[name].wall.append(wall)
             times[name].cpu.append(cpu)
         if on_round is not None:

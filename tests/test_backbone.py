@@ -158,7 +158,8 @@ def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
     weight, bias = proj.weight.detach().clone().requires_grad_(), proj.bias.detach().clone().requires_grad_()
     F.conv2d(ref_x, weight, bias, stride=16).flatten(2).transpose(1, 2).backward(upstream)
     tokens.backward(upstream)
-    for ours_grad, ref_grad in ((ours_x.grad, ref_x.grad), (proj.weight.grad, weight.grad), (proj.bias.grad, bias.grad)):
+    pairs = ((ours_x.grad, ref_x.grad), (proj.weight.grad, weight.grad), (proj.bias.grad, bias.grad))
+    for ours_grad, ref_grad in pairs:
         torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-12)
 
 

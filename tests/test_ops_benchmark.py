@@ -46,7 +46,8 @@ def test_cpu_smoke_run_covers_every_case(benchmark_ops, tmp_path):
 @pytest.mark.parametrize("clock", ["process", "wall"])
 def test_cpu_rows_are_timed_by_the_chosen_clock(benchmark_ops, clock):
     # A call that sleeps 30 ms: 30 ms of wall time, next to no CPU time.
-    cases = [benchmark_ops.Case("sleep", "p", "s", "fwd", impl, lambda: time.sleep(0.03)) for impl in ("kernel", "eager")]
+    cases = [benchmark_ops.Case("sleep", "p", "s", "fwd", impl, lambda: time.sleep(0.03))
+             for impl in ("kernel", "eager")]
     roofline = benchmark_ops.device_roofline(torch.device("cpu"), torch.float32, None, None)
     rows = benchmark_ops.measure(cases, torch.device("cpu"), torch.float32, roofline, 3, 0, cpu_clock=clock)
     for row in rows:

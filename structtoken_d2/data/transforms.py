@@ -166,9 +166,9 @@ class CategoryAreaCrop(RandomCrop_CategoryAreaConstraint):
     """Detectron2's ``RandomCrop_CategoryAreaConstraint`` (mmseg's ``RandomCrop`` with ``cat_max_ratio``):
     the crop is drawn again, up to 10 times, while one category covers ``single_category_max_area`` or
     more of its non-ignored pixels. The same draws from ``np.random`` in the same order, so the same
-    crops; the pixels are counted with ``np.bincount`` instead of ``np.unique`` (a sort), each window once, which took a
-    quarter of the main job's mapper time (0.5 of 2.0 ms per 128 px image, docs/speed.md).
-    Label maps: ``[H, W]`` of non-negative integers (uint8 train ids)."""
+    crops; the pixels are counted with ``np.bincount`` instead of ``np.unique`` (a sort), and each
+    window once. Detectron2's count took a quarter of the main job's mapper time (0.5 of 2.0 ms per
+    128 px image, docs/speed.md). Label maps: ``[H, W]`` of non-negative integers (uint8 train ids)."""
 
     def get_transform(self, image, sem_seg):
         if self.single_category_max_area >= 1.0:

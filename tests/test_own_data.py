@@ -59,7 +59,7 @@ def test_checking_datasets_registers_and_loads_nothing(tmp_path, monkeypatch):
     root = write_folder_dataset(tmp_path / "data", num_classes=3, splits={"train": 2, "val": 1})
     cfg = tiny_cfg({"DATASETS.FOLDER.ROOT": str(root), "DATASETS.FOLDER.CLASSES": ["bg", "a", "b"],
                     "DATASETS.TRAIN": ("folder_train",), "DATASETS.TEST": ("folder_val",),
-                    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3})
+                    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 3, "OUTPUT_DIR": str(tmp_path / "out")})
     register_folder_datasets_from_config(cfg)
     loads = []
     real_load = folder.load_folder_dataset

@@ -26,5 +26,6 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``[..., h, w] -> [..., H, W]``, as ``F.interpolate(x, size, mode="bilinear",
     align_corners=False)`` on a ``[B, K, h, w]`` tensor (floating point)."""
     rows = interpolation_matrix(x.shape[-2], int(size[0]), x.dtype, x.device)  # [H, h]
-    cols = interpolation_matrix(x.shape[-1], int(size[1]), x.dtype, x.device)  # [W, w]
+    same = (x.shape[-1], int(size[1])) == (x.shape[-2], int(size[0]))  # a square resize: one matrix
+    cols = rows if same else interpolation_matrix(x.shape[-1], int(size[1]), x.dtype, x.device)  # [W, w]
     return torch.matmul(torch.matmul(rows, x), cols.t())

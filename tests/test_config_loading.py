@@ -36,8 +36,8 @@ def test_a_key_like_none_gets_no_suggestion():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("SOLVER.BASE_LR", "fast", "SOLVER.BASE_LR takes a number (its value before: 0.001); got fast, a string"),
-    ("SOLVER.IMS_PER_BATCH", "2.5", "SOLVER.IMS_PER_BATCH takes an integer (its value before: 8); got 2.5, a number"),
+    ("SOLVER.BASE_LR", "fast", "SOLVER.BASE_LR takes a number (its value before: 0.0014); got fast, a string"),
+    ("SOLVER.IMS_PER_BATCH", "2.5", "SOLVER.IMS_PER_BATCH takes an integer (its value before: 16); got 2.5, a number"),
     ("MODEL.STRUCTTOKEN", "CSE", "MODEL.STRUCTTOKEN is a group of keys, not a value: set its keys "
                                  "(MODEL.STRUCTTOKEN.NAME VALUE)"),
 ])

@@ -68,7 +68,11 @@ def test_an_op_whose_reference_is_faster_on_the_device_takes_it(monkeypatch, spy
 @pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="structtoken_d2._C is not built")
 def test_the_logged_summary_says_what_compiled_code_runs(monkeypatch):
     monkeypatch.delenv(ops.FORCE_PYTORCH_ENV, raising=False)
-    hybrid = "compiled-cpu (the pytorch reference for depthwise_projection, slice_attention: faster here)"
+    every_op = "pytorch (faster here than the compiled-cpu kernels, which are built)"
+    assert ops.implementation_summary("cpu") == every_op  # REFERENCE_IS_FASTER names both ops on a CPU
+    assert ops.implementation_summary("cpu", model_compiled=True) == every_op
+    monkeypatch.setattr(ops, "REFERENCE_IS_FASTER", {"cpu": frozenset({"depthwise_projection"})})
+    hybrid = "compiled-cpu (the pytorch reference for depthwise_projection: faster here)"
     assert ops.implementation_summary("cpu") == hybrid
     assert ops.implementation_summary("cpu", model_compiled=True) == (
         f"{hybrid} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)")

@@ -66,6 +66,8 @@ REFERENCE_IS_FASTER = {"cpu": frozenset({"depthwise_projection", "slice_attentio
 
 # The op library the dispatch below calls (the tests swap in the CUDA kernels run on the CPU emulator).
 LIBRARY = torch.ops.structtoken
+# The ops this module dispatches.
+OP_NAMES = frozenset({"depthwise_projection", "slice_attention"})
 
 
 def active_implementation(device) -> str:
@@ -85,8 +87,11 @@ def implementation_summary(device, model_compiled: bool = False) -> str:
     ``MODEL.COMPILE`` on a device of ``COMPILE_TRACES_REFERENCE``): the line the trainer logs."""
     name = active_implementation(device)
     device_type = torch.device(device).type
-    if name != "pytorch" and REFERENCE_IS_FASTER.get(device_type):
-        name += f" (the pytorch reference for {', '.join(sorted(REFERENCE_IS_FASTER[device_type]))}: faster here)"
+    faster = REFERENCE_IS_FASTER.get(device_type, frozenset())
+    if name != "pytorch" and faster >= OP_NAMES:
+        return f"pytorch (faster here than the {name} kernels, which are built)"
+    if name != "pytorch" and faster:
+        name += f" (the pytorch reference for {', '.join(sorted(faster))}: faster here)"
     if model_compiled and name != "pytorch" and device_type in COMPILE_TRACES_REFERENCE:
         return f"{name} in eager code, the pytorch reference in compiled code (MODEL.COMPILE)"
     return name

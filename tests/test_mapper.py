@@ -238,3 +238,24 @@ def test_test_mapper_resizes_to_test_scale_and_keeps_original_size(colour_coded_
 def test_unknown_mapper_name_is_a_clear_error():
     with pytest.raises(KeyError, match="not registered"):
         build_dataset_mapper(_cfg(**{"INPUT.DATASET_MAPPER_NAME": "nope"}), is_train=True)
+
+
+def test_cached_decoding_gives_the_same_samples_and_reads_each_file_once(colour_coded_record, tmp_path):
+    # Photometric distortion, resize, crop and flip on: the cached arrays must come out unchanged by
+    # the augmentations of earlier samples, so both mappers give the same samples for the same seeds.
+    second = dict(colour_coded_record, file_name=str(tmp_path / "img2.png"))
+    cv2.imwrite(second["file_name"], 255 - cv2.imread(colour_coded_record["file_name"]))
+    records = [colour_coded_record, second] * 6
+    outputs = {}
+    for cached in (False, True):
+        mapper = build_dataset_mapper(_cfg(**{"INPUT.PHOTOMETRIC_DISTORTION": True,
+                                              "DATALOADER.CACHE_DECODED_IMAGES": cached}), is_train=True)
+        np.random.seed(3)
+        outputs[cached] = [mapper(r) for r in records[:2]]
+        if cached:  # from here on the files are not read
+            for path in (second["file_name"], colour_coded_record["sem_seg_file_name"]):
+                (tmp_path / path).unlink()
+        outputs[cached] += [mapper(r) for r in records[2:]]
+    for plain, cached in zip(outputs[False], outputs[True]):
+        assert torch.equal(plain["image"], cached["image"]) and torch.equal(plain["sem_seg"], cached["sem_seg"])
+    assert len({tuple(o["image"].shape) for o in outputs[True]}) > 1  # the samples did differ

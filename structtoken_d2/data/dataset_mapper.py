@@ -9,7 +9,7 @@ mean colour rather than black. Test: keep-ratio resize to ``TEST.SCALE`` (skippe
 multi-scale test-time augmentation, which resizes the original image itself).
 """
 import copy
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class SemanticSegmentationMapper:
         image_format: str,
         pad_size: Optional[List[int]] = None,
         num_classes: Optional[int] = None,
+        cache_decoded: bool = False,
     ):
         """
         Args:
@@ -51,12 +52,15 @@ class SemanticSegmentationMapper:
                 image is padded by the model, after normalisation); None: no padding.
             num_classes: K; label maps holding values outside 0..K-1 and 255 (ignore) are refused
                 with an error naming the file (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``; None: unchecked).
+            cache_decoded: keep each file's decoded (and checked) image and label map after its first
+                read, and hand out copies (``DATALOADER.CACHE_DECODED_IMAGES``).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.pad_size = pad_size
         self.num_classes = num_classes
+        self._decoded: Optional[Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]] = {} if cache_decoded else None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, resize_to_test_scale: bool = True) -> Dict:
@@ -81,10 +85,11 @@ class SemanticSegmentationMapper:
             augs = [ResizeToScale(cfg.TEST.SCALE)] if resize_to_test_scale else []
             pad_size = None
         return dict(is_train=is_train, augmentations=augs, image_format=cfg.INPUT.FORMAT, pad_size=pad_size,
-                    num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+                    num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                    cache_decoded=is_train and cfg.DATALOADER.CACHE_DECODED_IMAGES)
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
-        dataset_dict = copy.deepcopy(dataset_dict)
+    def _read(self, dataset_dict: Dict) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The record's image ``[H, W, 3]`` uint8 and (training) label map ``[H, W]`` uint8, checked."""
         image = read_image_file(dataset_dict["file_name"], format=self.image_format)
         detection_utils.check_image_size(dataset_dict, image)
         label = read_sem_seg_label(dataset_dict, self.num_classes) if self.is_train else None
@@ -93,6 +98,17 @@ class SemanticSegmentationMapper:
                 f"Label {dataset_dict['sem_seg_file_name']} is {label.shape}, image "
                 f"{dataset_dict['file_name']} is {image.shape[:2]}: they must have the same size"
             )
+        return image, label
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        if self._decoded is None:
+            image, label = self._read(dataset_dict)
+        else:
+            key = dataset_dict["file_name"]
+            if key not in self._decoded:
+                self._decoded[key] = self._read(dataset_dict)
+            image, label = (a if a is None else a.copy() for a in self._decoded[key])
         aug_input = T.AugInput(image, sem_seg=label)
         self.augmentations(aug_input)
         image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))

@@ -114,7 +114,7 @@ def _add_data_config(cfg: CN) -> None:
     # Keep every training image and label map decoded in memory after its first read (each data-loader
     # process its own copy; the augmentations get copies): for a dataset that fits in memory it saves
     # the decoding at every epoch. The synthetic shapes (2,000 images of 128 x 128, about 130 MB) turn
-    # it on; ADE20K's 20,210 decoded would take tens of GB per process.
+    # it on; ADE20K's 20,210 training images decoded would take tens of GB per process.
     cfg.DATALOADER.CACHE_DECODED_IMAGES = False
 
     # Your own data from the command line: a folder ROOT with images/<split>/*.<IMAGE_EXT> and

@@ -1,7 +1,7 @@
 """Detectron2 v0.6 on current libraries: the few shims it needs, each applied only when needed.
 
 Applied by ``import structtoken_d2``, before any ``detectron2`` submodule that needs them is
-imported (so import ``structtoken_d2`` first). A full, current detectron2 build needs none of them.
+imported (so import ``structtoken_d2`` first). A full, current detectron2 build needs none of 1-3.
 
 1. ``detectron2._C`` is absent when detectron2 was installed Python-only (the ``pb1-detectron2``
    sdist ships no C++ sources), yet ``detectron2.layers.deform_conv`` and
@@ -15,10 +15,16 @@ imported (so import ``structtoken_d2`` first). A full, current detectron2 build 
 3. ``detectron2.evaluation.SemSegEvaluator`` uses ``np.int`` / ``np.float`` (removed in NumPy
    1.24). No global NumPy alias is added: structtoken-d2 evaluates with its own
    ``structtoken_d2.evaluation.SemSegEvaluator``, which does not touch v0.6's.
+4. ``fvcore.nn.focal_loss`` and ``detectron2.modeling.box_regression`` script functions with
+   ``torch.jit.script`` at import, which torch deprecates with a ``FutureWarning``: two warnings at
+   the start of every tool, about code StructToken never calls. Both modules are imported here with
+   that one warning ignored (:data:`SCRIPTING_AT_IMPORT`); the filter ends with the imports, so a
+   user's own ``torch.jit.script`` still warns. (Current fvcore and detectron2 do this too.)
 """
 import importlib.util
 import sys
 import types
+import warnings
 
 from PIL import Image
 
@@ -71,6 +77,18 @@ def _detectron2_extension_missing() -> bool:
         return True
 
 
+#: Modules that call ``torch.jit.script`` when imported (shim 4).
+SCRIPTING_AT_IMPORT = ("fvcore.nn", "detectron2.modeling.box_regression")
+
+
+def _import_without_jit_script_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        for name in SCRIPTING_AT_IMPORT:
+            if name not in sys.modules and importlib.util.find_spec(name.split(".")[0]) is not None:
+                importlib.import_module(name)
+
+
 def apply() -> None:
     """Apply the shims that this environment needs; a no-op where none is needed."""
     if _detectron2_extension_missing():
@@ -81,3 +99,4 @@ def apply() -> None:
         detectron2._C = placeholder
     if not hasattr(Image, "LINEAR"):
         Image.LINEAR = Image.BILINEAR
+    _import_without_jit_script_warning()

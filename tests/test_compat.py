@@ -27,6 +27,24 @@ def test_detectron2_subpackages_import_after_structtoken():
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
+def test_no_jit_script_warning_from_imports_yet_a_users_own_still_warns():
+    # Shim 4: fvcore and detectron2 call torch.jit.script at import; a fresh interpreter shows every warning.
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as imports:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import structtoken_d2, detectron2.modeling, detectron2.engine\n"
+        "import torch\n"
+        "with warnings.catch_warnings(record=True) as own:\n"
+        "    warnings.simplefilter('always')\n"
+        "    torch.jit.script(torch.nn.ReLU())\n"
+        "jit = lambda records: sum('torch.jit.script' in str(w.message) for w in records)\n"
+        "print(jit(imports), jit(own) > 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["0", "True"], result.stdout + result.stderr
+
+
 def test_missing_op_names_itself_and_the_fix():
     placeholder = compat._MissingExtension("detectron2._C")
     with pytest.raises(compat.MissingDetectron2Op, match=r"detectron2\._C\.nms_rotated .*compiled ops.*pip install"):

@@ -1,9 +1,12 @@
 """ADE20K (SceneParsing, ``ADEChallengeData2016``): 150 classes, labels read with mmseg's
 ``reduce_zero_label`` (raw 0 -> ignore, 1..150 -> 0..149), as in the authors' setup."""
+from pathlib import Path
+from typing import Dict, List
+
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from .registration import datasets_root, register_sem_seg_dataset, require_directories
+from .registration import DatasetLayout, register_dataset_splits
 
 # fmt: off
 #: Colour of each of the 150 classes (RGB), the palette mmseg and the ADE20K toolkit use.
@@ -36,26 +39,19 @@ ADE20K_COLORS = [
 ]
 # fmt: on
 
-_LAYOUT = """ADEChallengeData2016/
+_LAYOUT = DatasetLayout(
+    "ADEChallengeData2016", images="images", labels="annotations",
+    tree="""ADEChallengeData2016/
   images/{training,validation}/*.jpg
-  annotations/{training,validation}/*.png   (raw labels: 0 = other, 1..150 = classes)"""
-_PREPARE = (
-    "download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and unzip it "
-    "under $DETECTRON2_DATASETS (no conversion needed)"
+  annotations/{training,validation}/*.png   (raw labels: 0 = other, 1..150 = classes)""",
+    prepare="download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and unzip it "
+            "under $DETECTRON2_DATASETS (no conversion needed)",
 )
 _SPLITS = {"ade20k_sem_seg_train": "training", "ade20k_sem_seg_val": "validation"}
 
 
-def _split_directories(name: str, split: str):
-    """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` when one is missing."""
-    root = datasets_root() / "ADEChallengeData2016"
-    directories = root / "images" / split, root / "annotations" / split
-    require_directories(name, directories, _LAYOUT, _PREPARE)
-    return directories
-
-
-def _load_split(name: str, split: str):
-    image_dir, label_dir = _split_directories(name, split)
+def _load(image_dir: Path, label_dir: Path) -> List[Dict]:
+    """The split's records, labels read with ``reduce_zero_label``."""
     records = load_sem_seg(str(label_dir), str(image_dir), gt_ext="png", image_ext="jpg")
     for record in records:
         record["reduce_zero_label"] = True
@@ -66,11 +62,5 @@ def register_ade20k() -> None:
     """Register ``ade20k_sem_seg_{train,val}``, replacing Detectron2's builtin entries (which
     expect labels preprocessed to ``annotations_detectron2``)."""
     class_names = [c.strip() for c in ADE20K_SEM_SEG_CATEGORIES]
-    for name, split in _SPLITS.items():
-        register_sem_seg_dataset(
-            name,
-            lambda name=name, split=split: _load_split(name, split),
-            dict(stuff_classes=class_names, stuff_colors=ADE20K_COLORS),
-            replace_existing=True,
-            require_files=lambda name=name, split=split: _split_directories(name, split),
-        )
+    register_dataset_splits(_SPLITS, _LAYOUT, _load, dict(stuff_classes=class_names, stuff_colors=ADE20K_COLORS),
+                            replace_existing=True)

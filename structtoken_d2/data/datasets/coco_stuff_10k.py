@@ -6,9 +6,7 @@ import numpy as np
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .registration import (
-    IGNORE_LABEL, datasets_root, evenly_spaced_colors, register_sem_seg_dataset, require_directories,
-)
+from .registration import IGNORE_LABEL, DatasetLayout, evenly_spaced_colors, register_dataset_splits
 
 # fmt: off
 #: The 91 stuff classes, COCO-Stuff ids 92..182 in order.
@@ -46,35 +44,21 @@ def coco_stuff_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return lookup[ids.astype(np.int64)]
 
 
-_LAYOUT = """coco_stuff_10k/
+_LAYOUT = DatasetLayout(
+    "coco_stuff_10k", images="images", labels="annotations",
+    tree="""coco_stuff_10k/
   images/{train,test}/*.jpg
-  annotations/{train,test}/*.png   (train ids 0..170, 255 = unlabeled)"""
-_PREPARE = (
-    "download cocostuff-10k-v1.1.zip (https://github.com/nightrome/cocostuff10k), unzip it and run "
-    "`python tools/prepare_coco_stuff_10k.py /path/to/cocostuff-10k-v1.1`"
+  annotations/{train,test}/*.png   (train ids 0..170, 255 = unlabeled)""",
+    prepare="download cocostuff-10k-v1.1.zip (https://github.com/nightrome/cocostuff10k), unzip it and run "
+            "`python tools/prepare_coco_stuff_10k.py /path/to/cocostuff-10k-v1.1`",
 )
 _SPLITS: Dict[str, str] = {"coco_stuff_10k_sem_seg_train": "train", "coco_stuff_10k_sem_seg_test": "test"}
 
 
-def _split_directories(name: str, split: str):
-    """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` when one is missing."""
-    root = datasets_root() / "coco_stuff_10k"
-    directories = root / "images" / split, root / "annotations" / split
-    require_directories(name, directories, _LAYOUT, _PREPARE)
-    return directories
-
-
-def _load_split(name: str, split: str):
-    image_dir, label_dir = _split_directories(name, split)
-    return load_sem_seg(str(label_dir), str(image_dir), gt_ext="png", image_ext="jpg")
-
-
 def register_coco_stuff_10k() -> None:
     """Register ``coco_stuff_10k_sem_seg_{train,test}``."""
-    for name, split in _SPLITS.items():
-        register_sem_seg_dataset(
-            name,
-            lambda name=name, split=split: _load_split(name, split),
-            dict(stuff_classes=COCO_STUFF_CLASSES, stuff_colors=COCO_STUFF_COLORS),
-            require_files=lambda name=name, split=split: _split_directories(name, split),
-        )
+    register_dataset_splits(
+        _SPLITS, _LAYOUT,
+        lambda image_dir, label_dir: load_sem_seg(str(label_dir), str(image_dir), gt_ext="png", image_ext="jpg"),
+        dict(stuff_classes=COCO_STUFF_CLASSES, stuff_colors=COCO_STUFF_COLORS),
+    )

@@ -1,8 +1,10 @@
-"""Shared pieces of dataset registration: the datasets root, lazy loading with a clear error on
-a missing directory (also checkable on its own, in a moment, before a model is built), default
-class colours, and replacing a registration Detectron2 made under the same name."""
+"""Shared pieces of dataset registration: the datasets root, a dataset's folder layout, lazy
+loading with a clear error on a missing directory (also checkable on its own, in a moment, before a
+model is built), default class colours, and replacing a registration Detectron2 made under the
+same name."""
 import colorsys
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,6 +45,27 @@ def require_directories(
         )
 
 
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset's splits lie under ``$DETECTRON2_DATASETS``: images in
+    ``<root>/<images>/<split>``, labels in ``<root>/<labels>/<split>``. ``tree`` (the expected
+    layout) and ``prepare`` (how to get it) go into the error when a folder is missing."""
+
+    root: str
+    images: str
+    labels: str
+    tree: str
+    prepare: str
+
+    def split_directories(self, dataset_name: str, split: str) -> Tuple[Path, Path]:
+        """(image folder, label folder) of ``split``; :class:`DatasetNotFoundError` naming
+        ``dataset_name`` when one is missing."""
+        root = datasets_root() / self.root
+        directories = root / self.images / split, root / self.labels / split
+        require_directories(dataset_name, directories, self.tree, self.prepare)
+        return directories
+
+
 class _Loader:
     """What ``DatasetCatalog`` calls to load a dataset; it also carries the dataset's quick check."""
 
@@ -81,3 +104,20 @@ def register_sem_seg_dataset(
     MetadataCatalog.get(name).set(
         evaluator_type="sem_seg", ignore_label=IGNORE_LABEL, **metadata
     )
+
+
+def register_dataset_splits(
+    splits: Dict[str, str], layout: DatasetLayout, load: Callable[[Path, Path], List[Dict]], metadata: Dict,
+    replace_existing: bool = False,
+) -> None:
+    """Register each ``name -> split`` of ``splits`` (:func:`register_sem_seg_dataset`), loaded
+    lazily by ``load(image folder, label folder)`` from ``layout``, whose folders are also the
+    registration's quick check."""
+    for name, split in splits.items():
+        register_sem_seg_dataset(
+            name,
+            lambda name=name, split=split: load(*layout.split_directories(name, split)),
+            metadata,
+            replace_existing=replace_existing,
+            require_files=lambda name=name, split=split: layout.split_directories(name, split),
+        )

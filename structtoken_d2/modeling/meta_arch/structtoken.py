@@ -10,6 +10,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
+from structtoken_runtime.protocol import slide_windows
 
 from ... import ops
 from ..bilinear_matmul import resize_bilinear
@@ -323,14 +324,6 @@ class StructTokenSegmentor(nn.Module):
         return LOGITS_RESIZE_RULES[self.logits_resize](logits, tuple(size), self.size_divisibility)
 
     def slide_windows(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
-        """mmseg's sliding-window grid: ``(y1, y2, x1, x2)`` of each crop, windows clipped to the
-        image (``max(H - crop + stride - 1, 0) // stride + 1`` rows, likewise columns)."""
-        (ch, cw), (sh, sw) = self.slide_crop_size, self.slide_stride
-        rows = max(height - ch + sh - 1, 0) // sh + 1
-        cols = max(width - cw + sw - 1, 0) // sw + 1
-        windows = []
-        for i in range(rows):
-            for j in range(cols):
-                y2, x2 = min(i * sh + ch, height), min(j * sw + cw, width)
-                windows.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-        return windows
+        """mmseg's sliding-window grid over an image of ``height x width``: ``(y1, y2, x1, x2)`` of
+        each ``TEST.SLIDE_CROP_SIZE`` window every ``TEST.SLIDE_STRIDE`` (the exported runtime's grid)."""
+        return slide_windows(height, width, self.slide_crop_size, self.slide_stride)
